@@ -216,11 +216,11 @@ def _set(cfg: RunConfig, dotted: str, value: Any) -> None:
     if head not in top:
         raise _unknown_key(dotted, sorted(top))
     if len(parts) == 1:
+        if isinstance(value, dict) and dataclasses.is_dataclass(getattr(cfg, head)):
+            for k, v in value.items():
+                _set(cfg, f"{head}.{k}", v)
+            return
         if head in PRIMARY_FIELD:
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    _set(cfg, f"{head}.{k}", v)
-                return
             parts = [head, PRIMARY_FIELD[head]]
         else:
             setattr(cfg, head, _coerce(value, getattr(cfg, head), head))

@@ -62,6 +62,8 @@ class Task:
     default_template: str = "{source}"
     default_max_new_tokens: int = 64
     primary_metric: str = ""
+    # True when fit_labels() must see the training split before evaluating (classification without task.labels).
+    needs_train_labels: bool = False
 
     def __init__(self, config: TaskConfig) -> None:
         self.config = config

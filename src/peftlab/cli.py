@@ -1,0 +1,132 @@
+"""Command line: thin wrappers that parse, build a config and call one function.
+
+    peftlab train [CONFIG.yaml] [key=value ...]     train a method, evaluate it, save adapter + result.json
+    peftlab eval  [CONFIG.yaml] [key=value ...]     evaluate the base model (zero-shot) or adapter=DIR
+    peftlab methods                                 list methods with their options, defaults and help
+    peftlab demo  [key=value ...]                   compare methods on the built-in demo data and print a table
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+
+from peftlab.config import ConfigError, RunConfig, describe_fields, load_config
+
+OVERRIDE_HELP = """overrides are dotted keys, e.g.:
+  task=summarization data=../shared/data/cnn_dailymail method=lora method.r=16 train.max_steps=200 out=runs/x
+sections: model.*, task.*, data.*, method.*, train.*, eval.*; top level: out, resume, adapter.
+`peftlab train --help-config` lists every key with its default and help."""
+
+
+def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The optional YAML file (first argument without '=') and the overrides."""
+    yaml_path, overrides = None, []
+    for arg in args:
+        if "=" not in arg and yaml_path is None and arg.endswith((".yaml", ".yml")):
+            yaml_path = arg
+        elif "=" in arg:
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: give a .yaml config file and/or key=value overrides")
+    return yaml_path, overrides
+
+
+def config_help() -> str:
+    """Every config key with its default and help text."""
+    lines = []
+    for section in ("model", "task", "data", "train", "eval"):
+        cls = type(getattr(RunConfig(), section))
+        for name, _type, default, text in describe_fields(cls):
+            lines.append(f"  {section}.{name:<22} {default!r:<16} {text}")
+    lines.append("  method.<option>           (per method)     see `peftlab methods`")
+    for name, _type, default, text in describe_fields(RunConfig):
+        if name in ("out", "resume", "adapter"):
+            lines.append(f"  {name:<30} {default!r:<16} {text}")
+    return "\n".join(lines)
+
+
+def _cmd_train(ns: argparse.Namespace) -> int:
+    from peftlab.lab.experiment import train_run
+    from peftlab.lab.table import format_table
+
+    cfg = load_config(*_split_args(ns.args))
+    result = train_run(cfg, command=_command_line())
+    print(format_table([result]))
+    print(f"\nresult: {cfg.out}/result.json   adapter: {cfg.out}/adapter")
+    return 0
+
+
+def _cmd_eval(ns: argparse.Namespace) -> int:
+    from peftlab.lab.experiment import eval_run
+    from peftlab.lab.table import format_table
+
+    cfg = load_config(*_split_args(ns.args))
+    result = eval_run(cfg, command=_command_line())
+    print(format_table([result]))
+    print(f"\nresult: {cfg.out}/result.json")
+    return 0
+
+
+def _cmd_methods(ns: argparse.Namespace) -> int:
+    from peftlab.methods import all_methods
+
+    for spec in all_methods():
+        print(f"{spec.name}: {spec.summary}")
+        if spec.paper:
+            print(f"  paper: {spec.paper}")
+        print(f"  default lr: {spec.default_lr:g}")
+        for name, _type, default, text in describe_fields(spec.config_cls):
+            print(f"  method.{name:<18} {default!r:<14} {text}")
+        print()
+    return 0
+
+
+def _cmd_demo(ns: argparse.Namespace) -> int:
+    from peftlab.lab.demo import run_demo
+
+    _, overrides = _split_args(ns.args)
+    run_demo(overrides)
+    return 0
+
+
+def _command_line() -> str:
+    return "peftlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning lab.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, text in (
+        ("train", _cmd_train, "train a method on a task, evaluate it, save the adapter and result.json"),
+        ("eval", _cmd_eval, "evaluate the base model zero-shot, or a saved adapter (adapter=DIR)"),
+        ("demo", _cmd_demo, "train several methods on the built-in demo data and print a comparison table"),
+    ):
+        p = sub.add_parser(name, help=text, description=text, epilog=OVERRIDE_HELP + "\n\nkeys:\n" + config_help(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value", help="config file and overrides")
+        p.set_defaults(func=func)
+    p = sub.add_parser("methods", help="list methods with options, defaults and help",
+                       description="List every registered method with its options, defaults and help.")
+    p.set_defaults(func=_cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except ConfigError as exc:
+        print(f"peftlab: config error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"peftlab: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

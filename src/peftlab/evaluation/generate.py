@@ -1,0 +1,154 @@
+"""Batched generation with a KV cache, and label scoring: the :class:`~peftlab.tasks.base.Predictor` the tasks use.
+
+Prompts are sorted by length and left-padded per batch; position ids come from the cumulative attention mask (as
+Hugging Face ``generate`` computes them), so left padding and prepended virtual tokens do not shift positions. The
+method's ``prepare_inputs`` runs once for the prefill step (where soft prompts enter); decoding steps feed one token
+per sequence with the cache, and the output head is applied to the last position only (``logits_to_keep=1``).
+Greedy decoding uses this loop; beam search goes through ``model.generate`` on the same prepared inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from peftlab.data.batching import collate, left_pad
+from peftlab.data.encode import EncodedExample, PromptEncoder
+from peftlab.methods.base import PeftMethod
+from peftlab.tasks.base import Example
+from peftlab.training.loss import IGNORE_INDEX, sequence_log_probs
+
+
+def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
+    """Every id that ends a generation: the tokenizer's eos and the model's generation-config eos ids."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(gen_eos)
+    return ids
+
+
+@torch.no_grad()
+def greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id: int, eos_ids: set[int],
+                    max_new_tokens: int, device: torch.device) -> list[list[int]]:
+    """Greedy continuations of a batch of prompts (token ids), each cut at its first eos (excluded).
+
+    Shapes: prompts left-padded to (B, T); prefill (B, n+T) with n virtual tokens; each decode step (B, 1).
+    """
+    model = method.model
+    input_ids, attention_mask = left_pad([list(p) for p in prompts], pad_id)
+    inputs = method.prepare_inputs(input_ids.to(device), attention_mask.to(device))
+    attention_mask = inputs["attention_mask"]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    batch = input_ids.shape[0]
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    generated: list[torch.Tensor] = []
+    position = position_ids[:, -1:]
+    for _ in range(max_new_tokens):
+        next_token = logits.argmax(-1)  # (B,)
+        next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
+        generated.append(next_token)
+        finished |= torch.isin(next_token, eos)
+        if bool(finished.all()):
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        position = position + 1
+        out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(batch)]
+    return [_cut_at_eos(row, eos_ids) for row in tokens]
+
+
+def _cut_at_eos(row: list[int], eos_ids: set[int]) -> list[int]:
+    for i, tok in enumerate(row):
+        if tok in eos_ids:
+            return row[:i]
+    return row
+
+
+@torch.no_grad()
+def beam_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id: int, eos_ids: set[int],
+                  max_new_tokens: int, num_beams: int, device: torch.device) -> list[list[int]]:
+    """Beam search through ``model.generate`` on the method's prepared (prefill) inputs."""
+    input_ids, attention_mask = left_pad([list(p) for p in prompts], pad_id)
+    inputs = method.prepare_inputs(input_ids.to(device), attention_mask.to(device))
+    out = method.model.generate(**inputs, num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens,
+                                pad_token_id=pad_id, eos_token_id=sorted(eos_ids))
+    # With input_ids, generate returns prompt + continuation; with inputs_embeds, the continuation only.
+    new = out[:, input_ids.shape[1]:] if "input_ids" in inputs else out
+    return [_cut_at_eos(row, eos_ids) for row in new.tolist()]
+
+
+class ModelPredictor:
+    """Implements the tasks' ``Predictor`` protocol for a model with a PEFT method applied.
+
+    Args:
+        method: the applied method (``method.model`` is used in eval mode).
+        tokenizer: the model's tokenizer.
+        encoder: builds prompt and target token ids exactly as in training.
+        batch_size: prompts per batch.
+        num_beams: 1 for greedy decoding, more for beam search.
+        device: where the model lives.
+        autocast_bf16: run under bfloat16 autocast.
+    """
+
+    def __init__(self, method: PeftMethod, tokenizer, encoder: PromptEncoder, batch_size: int = 16,
+                 num_beams: int = 1, device: torch.device | str = "cpu", autocast_bf16: bool = False) -> None:
+        self.method, self.tokenizer, self.encoder = method, tokenizer, encoder
+        self.batch_size, self.num_beams, self.device = batch_size, num_beams, torch.device(device)
+        self.autocast = autocast_bf16
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = eos_token_ids(method.model, tokenizer)
+
+    def generate(self, examples: Sequence[Example], max_new_tokens: int) -> list[str]:
+        prompts = [self.encoder.prompt_ids(e) for e in examples]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        texts: list[str] = [""] * len(prompts)
+        was_training = self.method.model.training
+        self.method.model.eval()
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            chunk = [prompts[i] for i in idx]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                if self.num_beams > 1:
+                    rows = beam_generate(self.method, chunk, self.pad_id, self.eos_ids, max_new_tokens,
+                                         self.num_beams, self.device)
+                else:
+                    rows = greedy_generate(self.method, chunk, self.pad_id, self.eos_ids, max_new_tokens, self.device)
+            for i, row in zip(idx, rows, strict=True):
+                texts[i] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+        self.method.model.train(was_training)
+        return texts
+
+    @torch.no_grad()
+    def score_choices(self, examples: Sequence[Example], choices: Sequence[str]) -> list[list[float]]:
+        """Summed log-probability of each choice (its tokens plus eos, as trained) after each prompt: (N, C)."""
+        choice_ids = [self.encoder.target_ids(c) for c in choices]
+        pairs = []
+        for e in examples:
+            prompt = self.encoder.prompt_ids(e)
+            for c in choice_ids:
+                pairs.append(EncodedExample(input_ids=prompt + c, labels=[IGNORE_INDEX] * len(prompt) + c))
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids))
+        scores = [0.0] * len(pairs)
+        was_training = self.method.model.training
+        self.method.model.eval()
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            batch = {k: v.to(self.device) for k, v in collate([pairs[i] for i in idx], self.pad_id).items()}
+            inputs = self.method.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logp = sequence_log_probs(self.method.model, inputs)
+            for i, value in zip(idx, logp.tolist(), strict=True):
+                scores[i] = value
+        self.method.model.train(was_training)
+        n = len(choices)
+        return [scores[k * n:(k + 1) * n] for k in range(len(examples))]

@@ -1,0 +1,264 @@
+"""One run, end to end: ``train_run`` (load, apply the method, train, save the adapter, evaluate, write the result)
+and ``eval_run`` (the base model zero-shot, or a saved adapter, evaluated on the configured splits).
+
+Nothing already written is overwritten: a run folder that holds a result or a checkpoint is refused unless
+``resume=true`` (which continues the interrupted run it holds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftlab.config import ConfigError, RunConfig, TaskConfig, config_from_dict
+from peftlab.data.dataset import load_examples
+from peftlab.data.encode import PromptEncoder
+from peftlab.evaluation.generate import ModelPredictor
+from peftlab.lab import results
+from peftlab.methods import get_method
+from peftlab.methods.base import PeftMethod
+from peftlab.methods.io import load_adapter, read_adapter_config, save_adapter
+from peftlab.models.arch import arch_fingerprint, input_embeddings, output_head
+from peftlab.models.loading import load_model_and_tokenizer
+from peftlab.tasks import Example, Task, get_task
+from peftlab.training.checkpoint import atomic_write_json, latest_checkpoint
+from peftlab.training.trainer import Trainer, TrainState
+
+RESULT_NAME = "result.json"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} asked for, but no CUDA device is available")
+    return device
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Setup:
+    """Everything a run holds after loading: the task, the model with its method, and the prompt encoder."""
+
+    cfg: RunConfig
+    task: Task
+    tokenizer: Any
+    method: PeftMethod
+    encoder: PromptEncoder
+    fingerprint: dict[str, Any]
+    device: torch.device
+    total_params: int
+
+    @property
+    def autocast(self) -> bool:
+        return self.cfg.train.bf16 or self.cfg.model.dtype != "float32"
+
+    def predictor(self) -> ModelPredictor:
+        return ModelPredictor(self.method, self.tokenizer, self.encoder, self.cfg.eval.batch_size,
+                              self.cfg.eval.num_beams, self.device, self.autocast)
+
+
+def _fill_tokenizer_options(options: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """Options a method needs token ids for (e.g. a soft prompt initialised from text) are filled here, by field."""
+    if options.get("init_text") and options.get("init_token_ids") is None:
+        return {**options, "init_token_ids": tokenizer(options["init_text"], add_special_tokens=False).input_ids}
+    return options
+
+
+def build(cfg: RunConfig, adapter: str | Path | None = None) -> Setup:
+    """Load the model and tokenizer, then apply the configured method (or load ``adapter``)."""
+    device = resolve_device(cfg.train.device)
+    set_seed(cfg.train.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device)
+    fingerprint = arch_fingerprint(model)
+    total = results.count_parameters(model)
+    if adapter is not None:
+        method, _ = load_adapter(model, adapter)
+    else:
+        spec = get_method(cfg.method.name)
+        options = _fill_tokenizer_options(cfg.method.options, tokenizer)
+        method = spec.apply(model, spec.build_config(options))
+    # Trainable weights stay fp32 (master weights) when the frozen base is stored in bf16/fp16.
+    for p in method.trainable_parameters().values():
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    method.model.to(device)
+    task = get_task(cfg.task)
+    return Setup(cfg, task, tokenizer, method, PromptEncoder(tokenizer, task, cfg.task), fingerprint, device, total)
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    if resume:
+        return
+    if (out / RESULT_NAME).exists() or latest_checkpoint(out) is not None:
+        raise ConfigError(f"out: {out} already holds a run; pass resume=true to continue it, or choose another out")
+
+
+def _load_split(setup: Setup, which: str, limit: int | None, sample_seed: int | None = None) -> list[Example]:
+    data = setup.cfg.data
+    split = {"train": data.train_split, "validation": data.validation_split, "test": data.test_split}.get(which, which)
+    examples, stats = load_examples(data, setup.task, split, limit=limit, sample_seed=sample_seed)
+    if stats.get("skipped_empty_target"):
+        print(f"[data] {split}: skipped {stats['skipped_empty_target']} example(s) with an empty target "
+              f"(data.strict=true makes this an error)", file=sys.stderr)
+    return examples
+
+
+def evaluate_splits(setup: Setup, splits: list[str], merge: bool = True) -> tuple[dict, dict, dict]:
+    """Task metrics, a few samples and throughput for each split (LoRA-style methods merged while evaluating)."""
+    metrics, samples, speed = {}, {}, {}
+    cfg = setup.cfg
+    merged = merge and setup.method.mergeable
+    if merged:
+        setup.method.merge()
+    try:
+        for split in splits:
+            limit = cfg.data.max_test if split in ("test", cfg.data.test_split) else cfg.data.max_validation
+            examples = _load_split(setup, split, limit)
+            t0 = time.perf_counter()
+            output = setup.task.evaluate(setup.predictor(), examples, cfg.eval.max_new_tokens)
+            seconds = time.perf_counter() - t0
+            metrics[split] = {**output.metrics, "n_examples": len(examples)}
+            if output.baselines:
+                metrics[split]["baselines"] = output.baselines
+            speed[split] = {"eval_seconds": seconds, "eval_examples_per_s": len(examples) / max(seconds, 1e-9)}
+            samples[split] = [{"id": e.id, "source": e.source[:600], "prediction": p, "references": e.references[:4]}
+                              for e, p in list(zip(examples, output.predictions, strict=True))[: cfg.eval.show_examples]]
+    finally:
+        if merged:
+            setup.method.unmerge()
+    return metrics, samples, speed
+
+
+def _run_info(cfg: RunConfig, setup: Setup, command: str, started: float) -> dict[str, Any]:
+    return {"command": command, "config": cfg.to_dict(), "versions": results.package_versions(),
+            "machine": results.machine_info(setup.device), "seed": cfg.train.seed, "git_commit": results.git_commit(),
+            "started": started, "finished": time.time()}
+
+
+def _param_info(setup: Setup) -> dict[str, Any]:
+    trainable = sum(p.numel() for p in setup.method.trainable_parameters().values())
+    return {"trainable_params": trainable, "total_params": setup.total_params,
+            "trainable_percent": 100.0 * trainable / max(setup.total_params, 1)}
+
+
+def train_run(cfg: RunConfig, command: str = "", on_step: Callable[[TrainState], None] | None = None) -> dict:
+    """Train ``cfg.method`` on ``cfg.task``/``cfg.data``, save the adapter, evaluate, and write ``result.json``."""
+    started = time.time()
+    out = Path(cfg.out)
+    _check_out_dir(out, cfg.resume)
+    setup = build(cfg)
+    train = _load_split(setup, "train", cfg.data.max_train, sample_seed=cfg.data.seed)
+    setup.task.fit_labels(train)
+    val = _load_split(setup, "validation", cfg.data.max_validation)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", cfg.to_dict())
+    metric_val = val[: cfg.train.eval_examples]
+
+    def validation_metrics() -> dict[str, float]:
+        return setup.task.evaluate(setup.predictor(), metric_val, cfg.eval.max_new_tokens).metrics
+
+    lr = cfg.train.lr or get_method(cfg.method.name).default_lr
+    trainer = Trainer(setup.method, setup.encoder.encode_many(train), setup.encoder.encode_many(val), cfg.train, out,
+                      setup.tokenizer.pad_token_id, lr, validation_metrics if metric_val else None, setup.device,
+                      on_step, setup.autocast)
+    if cfg.resume and trainer.resume():
+        print(f"[train] resumed from step {trainer.state.step} of {trainer.total_steps}", file=sys.stderr)
+    state = trainer.fit()
+    adapter_dir = save_adapter(setup.method, cfg.method.name, out / "adapter", cfg.model.name, setup.fingerprint,
+                               extra={"task": _task_record(cfg.task, setup.task)})
+    metrics, samples, speed = evaluate_splits(setup, cfg.eval.splits)
+    embed = input_embeddings(setup.method.model).weight.numel()
+    head = output_head(setup.method.model).weight.numel()
+    params = _param_info(setup)
+    train_info = {
+        "method": {"name": cfg.method.name, **setup.method.describe()},
+        **params,
+        "lr": lr,
+        "steps": state.step,
+        "epochs_completed": state.epoch + state.batch_in_epoch / max(trainer.batches_per_epoch, 1),
+        "train_examples": len(train),
+        "train_seconds": state.train_seconds,
+        "epoch_seconds": state.epoch_seconds,
+        "train_input_tokens": state.input_tokens,
+        "train_target_tokens": state.target_tokens,
+        "train_tokens_per_s": state.input_tokens / max(state.train_seconds, 1e-9),
+        "eval": speed,
+        **results.peak_memory(setup.device),
+        "train_flops_estimate": results.estimate_training_flops(
+            setup.total_params - embed, head, params["trainable_params"], state.input_tokens, state.target_tokens),
+        "adapter_bytes": (adapter_dir / "adapter.safetensors").stat().st_size,
+        "loss_curve": state.loss_curve,
+        "val_curve": state.val_curve,
+        "best_step": state.best_step,
+        "early_stop_step": state.step if state.stopped_early else None,
+    }
+    result = {"schema_version": results.SCHEMA_VERSION, "kind": "train",
+              "run_info": _run_info(cfg, setup, command, started), "train_info": train_info,
+              "metrics": metrics, "samples": samples}
+    atomic_write_json(out / RESULT_NAME, result)
+    return result
+
+
+def _task_record(task_cfg: TaskConfig, task: Task) -> dict[str, Any]:
+    """The task settings an adapter was trained with (the prompt format belongs to the adapter)."""
+    record = dataclasses.asdict(task_cfg)
+    if getattr(task, "labels", None):
+        record["labels"] = list(task.labels)
+    record["template"] = task_cfg.template
+    return record
+
+
+def eval_run(cfg: RunConfig, command: str = "") -> dict:
+    """Evaluate the base model zero-shot (``adapter`` unset) or with a saved adapter; writes ``result.json``."""
+    started = time.time()
+    out = Path(cfg.out)
+    _check_out_dir(out, resume=False)
+    if cfg.adapter is not None:
+        adapter_cfg = read_adapter_config(cfg.adapter)
+        # The prompt format is part of the adapter: evaluate with the task settings it was trained with.
+        cfg = config_from_dict({**cfg.to_dict(), "task": adapter_cfg.get("task", dataclasses.asdict(cfg.task)),
+                                "method": {"name": adapter_cfg["method"], "options": adapter_cfg["method_config"]}})
+        setup = build(cfg, adapter=cfg.adapter)
+    else:
+        setup = _zero_shot_setup(cfg)
+    if setup.task.needs_train_labels and not cfg.task.labels:
+        setup.task.fit_labels(_load_split(setup, "train", None))
+    metrics, samples, speed = evaluate_splits(setup, cfg.eval.splits)
+    method_name = read_adapter_config(cfg.adapter)["method"] if cfg.adapter else "zero-shot"
+    train_info = {"method": {"name": method_name, **setup.method.describe()}, **_param_info(setup), "eval": speed,
+                  **results.peak_memory(setup.device)}
+    if not cfg.adapter:
+        train_info["trainable_params"] = 0
+        train_info["trainable_percent"] = 0.0
+    result = {"schema_version": results.SCHEMA_VERSION, "kind": "eval",
+              "run_info": _run_info(cfg, setup, command, started), "train_info": train_info,
+              "metrics": metrics, "samples": samples}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / RESULT_NAME, result)
+    return result
+
+
+def _zero_shot_setup(cfg: RunConfig) -> Setup:
+    """The base model untouched: a ``full`` method object is only a handle (nothing is trained)."""
+    return build(config_from_dict({**cfg.to_dict(), "method": {"name": "full", "options": {}}}))
+
+
+def load_result(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())

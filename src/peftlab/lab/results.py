@@ -1,0 +1,109 @@
+"""The result file of one run (``<out>/result.json``): a fixed schema that reports are built from.
+
+Schema (``schema_version`` 1)::
+
+    run_info:   command, config (fully resolved), versions, machine, seed, git commit, started/finished
+    train_info: method facts, trainable/total params and %, time per epoch and in all, train tokens/s,
+                eval examples/s, peak memory bytes (+ how it was measured), estimated training FLOPs,
+                adapter bytes, loss curve, validation curve, best/early-stop step
+    metrics:    {split: {metric: value}}, plus baselines (e.g. lead-3) under metrics[split]["baselines"]
+    samples:    {split: [{id, source, prediction, references}]}  (a few generated outputs)
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA_VERSION = 1
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for name in ("peftlab", "torch", "transformers", "safetensors", "rouge-score", "sacrebleu", "peft", "gguf"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def git_commit() -> str | None:
+    """The commit of the source tree peftlab runs from (None outside a git checkout)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory in bytes: CUDA max allocated on a GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
+                "peak_memory_kind": "cuda_max_allocated"}
+    # ru_maxrss is in kilobytes on Linux and bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024
+    return {"peak_memory_bytes": int(rss * scale), "peak_memory_kind": "cpu_peak_rss"}
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Distinct parameters (a tied embedding/head counts once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def estimate_training_flops(body_params: int, head_params: int, trainable_params: int, input_tokens: int,
+                            target_tokens: int) -> int:
+    """Estimated training FLOPs (Kaplan et al. 2020 counting, adapted to what peftlab computes).
+
+    Per input token the decoder body (all matmul weights; the embedding lookup is free) costs 2N forward and 2N for
+    the activation gradients, plus 2 x trainable for weight gradients. The output head runs only on target
+    positions (target-only loss): 4 x head per target token. Attention-score FLOPs are left out (small at the
+    sequence lengths used here). Methods whose gradients stop early (last-layer) are over-counted, not under.
+    """
+    body = input_tokens * (4 * body_params + 2 * min(trainable_params, body_params + head_params))
+    return int(body + target_tokens * 4 * head_params)

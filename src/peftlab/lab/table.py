@@ -1,0 +1,57 @@
+"""A plain-text comparison table of run results (what `peftlab train/eval/demo` print)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Metrics shown when present, in this order.
+METRIC_ORDER = ("bleu", "rougeL", "rouge1", "rouge2", "rougeLsum", "accuracy", "macro_f1")
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}GB"
+
+
+def _fmt_count(n: int) -> str:
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}K"
+    return str(n)
+
+
+def result_row(result: dict[str, Any], split: str = "test") -> dict[str, str]:
+    """The table cells of one result."""
+    info = result.get("train_info", {})
+    metrics = result.get("metrics", {}).get(split, {})
+    row = {"method": info.get("method", {}).get("name", "?")}
+    for key in METRIC_ORDER:
+        if key in metrics:
+            row[key] = f"{metrics[key]:.2f}"
+    row["trainable"] = f"{_fmt_count(info.get('trainable_params', 0))} ({info.get('trainable_percent', 0):.3f}%)"
+    row["train time"] = f"{info['train_seconds']:.0f}s" if "train_seconds" in info else "-"
+    row["tok/s"] = f"{info['train_tokens_per_s']:.0f}" if "train_tokens_per_s" in info else "-"
+    row["peak mem"] = _fmt_bytes(info.get("peak_memory_bytes"))
+    row["n"] = str(metrics.get("n_examples", "-"))
+    return row
+
+
+def format_table(results: list[dict[str, Any]], split: str = "test") -> str:
+    """Rows = runs, columns = the metrics any run has, then cost columns; baselines (e.g. lead-3) get rows too."""
+    rows = [result_row(r, split) for r in results]
+    for r in results:
+        for name, values in r.get("metrics", {}).get(split, {}).get("baselines", {}).items():
+            if not any(row["method"] == name for row in rows):
+                rows.append({"method": name, **{k: f"{v:.2f}" for k, v in values.items() if k in METRIC_ORDER}})
+    columns = ["method"] + [k for k in METRIC_ORDER if any(k in row for row in rows)]
+    columns += ["trainable", "train time", "tok/s", "peak mem", "n"]
+    widths = {c: max(len(c), *(len(row.get(c, "-")) for row in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
+    lines += ["  ".join(row.get(c, "-").ljust(widths[c]) for c in columns) for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,17 @@
+"""Full fine-tuning: every parameter trains (the reference); see :mod:`.method`."""
+
+from peftlab.methods.base import MethodSpec, register
+from peftlab.methods.full.config import FullConfig
+from peftlab.methods.full.method import FullMethod, apply_full
+
+SPEC = register(
+    MethodSpec(
+        name="full",
+        config_cls=FullConfig,
+        apply=apply_full,
+        summary="every parameter trains (the reference)",
+        default_lr=2e-5,
+    )
+)
+
+__all__ = ["SPEC", "FullConfig", "FullMethod", "apply_full"]

@@ -1,0 +1,10 @@
+"""Options of full fine-tuning (``method=full``): none; every weight trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class FullConfig:
+    """Full fine-tuning has no options (the learning rate is ``train.lr``)."""

@@ -1,0 +1,18 @@
+"""Last-layer tuning: train the output head only; see :mod:`.method`."""
+
+from peftlab.methods.base import MethodSpec, register
+from peftlab.methods.last_layer.config import HEAD_MODES, LastLayerConfig
+from peftlab.methods.last_layer.method import LastLayerMethod, apply_last_layer
+
+SPEC = register(
+    MethodSpec(
+        name="last-layer",
+        config_cls=LastLayerConfig,
+        apply=apply_last_layer,
+        summary="train the output head only (an untied copy of tied embeddings by default)",
+        default_lr=1e-3,
+        paper="https://arxiv.org/abs/2202.10054",
+    )
+)
+
+__all__ = ["HEAD_MODES", "SPEC", "LastLayerConfig", "LastLayerMethod", "apply_last_layer"]

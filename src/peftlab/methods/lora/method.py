@@ -1,0 +1,93 @@
+"""Apply LoRA to a model: resolve the targets, wrap each in :class:`LoraLinear`, train only A and B.
+
+Trainable count = sum over targets of r * (d_in + d_out_slice); e.g. GPT-2 q/v slices: 2 * r * (d + d) per block.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+
+from peftlab.methods.base import PeftMethod, freeze_all
+from peftlab.methods.lora.config import LoraConfig
+from peftlab.methods.lora.layer import WHOLE, LoraLinear
+from peftlab.models.arch import TargetModule, input_embeddings, resolve_targets
+
+
+class LoraMethod(PeftMethod):
+    """LoRA applied to one model; ``layers`` maps module path -> its :class:`LoraLinear`."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, layers: dict[str, LoraLinear], tied: list[str]) -> None:
+        self.model = model
+        self.config = config
+        self.layers = layers
+        self._tied = tied  # targets whose base weight is also the input embedding (merging would change inputs)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """``<module>.lora_A.<branch>`` and ``<module>.lora_B.<branch>``; branch ``weight`` = whole module."""
+        params: dict[str, nn.Parameter] = {}
+        for name, layer in self.layers.items():
+            for key in layer.slices:
+                params[f"{name}.lora_A.{key}"] = layer.lora_A[key]
+                params[f"{name}.lora_B.{key}"] = layer.lora_B[key]
+        return params
+
+    @property
+    def mergeable(self) -> bool:
+        """False when a target shares its weight with the input embeddings (a tied LM head)."""
+        return not self._tied
+
+    def merge(self) -> None:
+        if not self.mergeable:
+            warnings.warn(f"LoRA not merged: {self._tied} share their weight with the input embeddings", stacklevel=2)
+            return
+        for layer in self.layers.values():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "r": self.config.r,
+            "scaling": self.config.scaling,
+            "targets": [f"{name}[{','.join(layer.slices)}]" if not layer.whole else name
+                        for name, layer in self.layers.items()],
+        }
+
+
+def apply_lora(model: nn.Module, config: LoraConfig) -> LoraMethod:
+    """Freeze ``model`` and wrap every target layer in a :class:`LoraLinear` (in place).
+
+    Args:
+        model: a GPT-2 or Llama-family causal LM.
+        config: the LoRA options.
+
+    Returns:
+        The :class:`LoraMethod`; at this point the model's outputs equal the base model's (B = 0).
+
+    Raises:
+        ConfigError: ``method.target_modules`` matches nothing (the message lists the valid names).
+    """
+    freeze_all(model)
+    targets = resolve_targets(model, config.target_modules, key="method.target_modules")
+    groups: dict[str, list[TargetModule]] = {}
+    for t in targets:
+        groups.setdefault(t.name, []).append(t)
+    emb_weight = input_embeddings(model).weight
+    layers: dict[str, LoraLinear] = {}
+    tied: list[str] = []
+    for name, group in groups.items():
+        first = group[0]
+        slices = {t.part: t.out_slice for t in group} if first.part else {WHOLE: (0, first.out_features)}
+        layer = LoraLinear(first.module, slices, first.in_features, first.fan_in_fan_out, config.r,
+                           config.scaling, config.dropout)
+        layer.train(model.training)  # a new nn.Dropout starts in training mode even inside an eval() model
+        model.set_submodule(name, layer)
+        layers[name] = layer
+        if first.module.weight is emb_weight:
+            tied.append(name)
+    return LoraMethod(model, config, layers, tied)
