@@ -29,7 +29,8 @@ def test_gpt2_qkv_are_slices_of_fused_c_attn():
         ("transformer.h.1.attn.c_attn", "v", (2 * D, 3 * D)),
     ]
     k = arch.resolve_targets(model, "k")[0]
-    assert (k.out_slice, k.out_size, k.in_features, k.out_features, k.fan_in_fan_out) == ((D, 2 * D), D, D, 3 * D, True)
+    got_k = (k.out_slice, k.out_size, k.in_features, k.out_features, k.fan_in_fan_out)
+    assert got_k == ((D, 2 * D), D, D, 3 * D, True)
     assert isinstance(k.module, Conv1D)
 
 

@@ -38,7 +38,8 @@ def test_train_writes_result_and_eval_reproduces_it(tiny_llama_dir, tmp_path, me
     assert json.loads((out / "result.json").read_text())["metrics"] == result["metrics"]
 
     again = eval_run(load_config(None, [f"model={tiny_llama_dir}", "data=demo", f"adapter={out / 'adapter'}",
-                                        f"out={tmp_path / 'eval'}", "data.max_test=4", "eval.max_new_tokens=6"]))
+                                        f"out={tmp_path / 'eval'}", "data.max_test=4", "eval.max_new_tokens=6",
+                                        "eval.show_examples=2"]))
     assert again["metrics"]["test"] == result["metrics"]["test"]
     assert [s["prediction"] for s in again["samples"]["test"]] == [s["prediction"] for s in result["samples"]["test"]]
 

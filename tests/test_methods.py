@@ -40,6 +40,17 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, list[str]] | None]] = {
     "last-layer-tied": ("last-layer", {"head": "tied"}, None),
     "full": ("full", {}, None),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TRAIN_LR = {"lora": 1e-2, "prompt-tuning": 3e-2, "last-layer": 1e-2, "full": 1e-3}
 
 
@@ -114,6 +125,9 @@ def test_trainable_keys_are_stable_names():
     assert keys[:4] == ["transformer.h.0.attn.c_attn.lora_A.q", "transformer.h.0.attn.c_attn.lora_B.q",
                         "transformer.h.0.attn.c_attn.lora_A.v", "transformer.h.0.attn.c_attn.lora_B.v"]
     assert set(keys) <= {n for n, _ in method.model.named_parameters()}
+    assert method.describe() == {"r": 4, "scaling": 4.0, "targets": ["c_attn[q,v]"], "n_modules": 2}
+    with pytest.raises(ValueError, match="already applied"):
+        build("lora-qv", method.model)
     whole = build("lora-whole-modules", tiny_gpt2())
     assert list(whole.trainable_parameters())[:2] == ["transformer.h.0.attn.c_attn.lora_A.weight",
                                                       "transformer.h.0.attn.c_attn.lora_B.weight"]
@@ -332,3 +346,14 @@ def test_unknown_target_module_lists_valid_names(tiny_model):
     with pytest.raises(ConfigError, match="^method.target_modules: 'qq' matches no linear layer") as info:
         spec.apply(tiny_model, spec.build_config({"target_modules": ["q", "qq"]}))
     assert ("c_attn" if family_of(tiny_model) == "gpt2" else "q_proj") in str(info.value)
+
+
+@pytest.mark.parametrize("case", ["lora-qv", "prompt-vocab"])
+def test_half_precision_base_keeps_float32_trainable_weights(case, tiny_model, batch):
+    tiny_model.to(torch.bfloat16)
+    method = build(case, tiny_model)
+    assert all(p.dtype == torch.float32 for p in method.trainable_parameters().values())
+    out = tiny_model(**method.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"]))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in method.trainable_parameters().values())

@@ -16,6 +16,10 @@ from peftlab.methods import PeftMethod, get_method
 peft = pytest.importorskip("peft")
 
 PEFT_PREFIX = "base_model.model."
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Position ids are not supported:UserWarning",  # PEFT's generate drops position ids for soft prompts
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",  # peft 0.21 on transformers 5
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

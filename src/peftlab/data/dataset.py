@@ -55,7 +55,8 @@ def load_examples(data_cfg: DataConfig, task: Task, split: str, limit: int | Non
     if data_cfg.path != "demo" and Path(data_cfg.path).expanduser().is_file() and split == data_cfg.train_split:
         raise DataError(f"data.path {data_cfg.path!r} is a single file; training needs a folder holding "
                         f"{data_cfg.train_split} and {data_cfg.validation_split} split files. A single file can only "
-                        "be evaluated on (peftlab eval)")
+                        "be evaluated on (peftlab eval; classification then needs task.labels, since it cannot read "
+                        "its label set from a training split)")
     rows, source = open_split(data_cfg.path, split, data_cfg.hub_config)
     examples: list[Example] = []
     n_rows = skipped = 0

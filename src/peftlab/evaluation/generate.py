@@ -109,7 +109,7 @@ class ModelPredictor:
         self.eos_ids = eos_token_ids(method.model, tokenizer)
 
     def generate(self, examples: Sequence[Example], max_new_tokens: int) -> list[str]:
-        prompts = [self.encoder.prompt_ids(e) for e in examples]
+        prompts = self.encoder.encode_prompts(list(examples))
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         texts: list[str] = [""] * len(prompts)
         was_training = self.method.model.training

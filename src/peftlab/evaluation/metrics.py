@@ -185,7 +185,7 @@ def corpus_bleu(preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> flo
     for i, refs in enumerate(refs_list):
         if not refs:
             raise ValueError(f"corpus_bleu: example {i} has no references")
-    streams = [[refs[k] if k < len(refs) else "" for refs in refs_list] for k in range(width)]
+    streams = [[refs[k] if k < len(refs) else None for refs in refs_list] for k in range(width)]
     return float(sacrebleu.corpus_bleu(list(preds), streams).score)
 
 

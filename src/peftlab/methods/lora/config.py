@@ -42,4 +42,4 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         """alpha / r, or alpha / sqrt(r) with rslora."""
-        return self.alpha / (self.r)
+        return self.alpha / (self.r**0.5 if self.rslora else self.r)

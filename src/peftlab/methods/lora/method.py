@@ -51,12 +51,11 @@ class LoraMethod(PeftMethod):
             layer.unmerge()
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "r": self.config.r,
-            "scaling": self.config.scaling,
-            "targets": [f"{name}[{','.join(layer.slices)}]" if not layer.whole else name
-                        for name, layer in self.layers.items()],
-        }
+        """Rank, scaling and the adapted layer kinds, e.g. ``["c_attn[q,v]"]`` (slices in brackets)."""
+        kinds = {name.rsplit(".", 1)[-1] + ("" if layer.whole else f"[{','.join(layer.slices)}]")
+                 for name, layer in self.layers.items()}
+        return {"r": self.config.r, "scaling": self.config.scaling, "targets": sorted(kinds),
+                "n_modules": len(self.layers)}
 
 
 def apply_lora(model: nn.Module, config: LoraConfig) -> LoraMethod:
@@ -72,6 +71,8 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> LoraMethod:
     Raises:
         ConfigError: ``method.target_modules`` matches nothing (the message lists the valid names).
     """
+    if any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise ValueError("LoRA is already applied to this model; apply it to a fresh base model")
     freeze_all(model)
     targets = resolve_targets(model, config.target_modules, key="method.target_modules")
     groups: dict[str, list[TargetModule]] = {}
