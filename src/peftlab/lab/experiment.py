@@ -124,7 +124,8 @@ def evaluate_splits(setup: Setup, splits: list[str], merge: bool = True) -> tupl
     """Task metrics, a few samples and throughput for each split (LoRA-style methods merged while evaluating)."""
     metrics, samples, speed = {}, {}, {}
     cfg = setup.cfg
-    merged = merge and setup.method.mergeable
+    # Merging into a bf16/fp16 base would round small updates away; merge only into fp32 weights.
+    merged = merge and setup.method.mergeable and cfg.model.dtype == "float32"
     if merged:
         setup.method.merge()
     try:
@@ -138,8 +139,9 @@ def evaluate_splits(setup: Setup, splits: list[str], merge: bool = True) -> tupl
             if output.baselines:
                 metrics[split]["baselines"] = output.baselines
             speed[split] = {"eval_seconds": seconds, "eval_examples_per_s": len(examples) / max(seconds, 1e-9)}
+            shown = list(zip(examples, output.predictions, strict=True))[: cfg.eval.show_examples]
             samples[split] = [{"id": e.id, "source": e.source[:600], "prediction": p, "references": e.references[:4]}
-                              for e, p in list(zip(examples, output.predictions, strict=True))[: cfg.eval.show_examples]]
+                              for e, p in shown]
     finally:
         if merged:
             setup.method.unmerge()

@@ -53,7 +53,8 @@ class PeftMethod:
                 value = state[name]
                 if value.shape != param.shape:
                     raise ValueError(
-                        f"adapter weight {name!r} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}"
+                        f"adapter weight {name!r} has shape {tuple(value.shape)}, "
+                        f"the model expects {tuple(param.shape)}"
                     )
                 param.copy_(value.to(param.device, param.dtype))
 

@@ -30,7 +30,7 @@ def target_hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor]) -> t
 
     Args:
         model: a ``*ForCausalLM`` model.
-        inputs: ``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``labels`` (B, T) and optional ``position_ids``.
+        inputs: ``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``labels`` (B, T), optional ``position_ids``.
 
     Returns:
         ``(h, y)``: h (N, d) hidden states, y (N,) target token ids, N = number of labelled positions.
