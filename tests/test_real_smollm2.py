@@ -16,15 +16,14 @@ pytestmark = [pytest.mark.real, requires_smollm2, requires_shared_data]
 def test_lora_steps_lower_the_loss_and_generation_returns_text(tmp_path):
     cfg = load_config(None, ["model=smollm2-135m", "task=table-to-text", f"data={SHARED_DATA / 'e2e_nlg'}",
                              "method=lora", "method.r=8", "data.max_train=48", "data.max_validation=16",
-                             "train.batch_size=8", "train.max_steps=6", "train.lr=2e-3", "train.bf16=true",
+                             "train.batch_size=8", "train.max_steps=6", "train.lr=2e-3",
                              f"out={tmp_path}"])
     setup = build(cfg)
     assert 134_000_000 < setup.total_params < 135_000_000
     train = _load_split(setup, "train", cfg.data.max_train, sample_seed=0)
     val = _load_split(setup, "validation", cfg.data.max_validation)
     trainer = Trainer(setup.method, setup.encoder.encode_many(train), setup.encoder.encode_many(val), cfg.train,
-                      tmp_path, setup.tokenizer.pad_token_id, cfg.train.lr, device=setup.device,
-                      autocast_bf16=True)
+                      tmp_path, setup.tokenizer.pad_token_id, cfg.train.lr, device=setup.device)
     before = trainer.validation_loss()
     trainer.fit()
     after = trainer.validation_loss()

@@ -17,7 +17,7 @@ from peftlab.lab.table import format_table
 
 COMMON = ["task=table-to-text", "data=demo", "data.max_validation=40", "data.max_test=60", "eval.batch_size=30",
           "eval.max_new_tokens=48", "train.batch_size=8", "train.max_steps=60", "train.eval_every=30",
-          "train.eval_examples=0", "train.log_every=10", "train.warmup_steps=5", "train.bf16=true"]
+          "train.eval_examples=0", "train.log_every=10", "train.warmup_steps=5",]
 # (run name, method overrides)
 RUNS = [
     ("lora", ["method=lora", "method.r=8", "method.target_modules=[q,v]"]),
