@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from peftlab.data.batching import collate, left_pad
 from peftlab.data.encode import EncodedExample, PromptEncoder
@@ -114,7 +115,8 @@ class ModelPredictor:
         texts: list[str] = [""] * len(prompts)
         was_training = self.method.model.training
         self.method.model.eval()
-        for start in range(0, len(order), self.batch_size):
+        for start in tqdm(range(0, len(order), self.batch_size), desc="generate", unit="batch", leave=False,
+                          mininterval=2.0):
             idx = order[start:start + self.batch_size]
             chunk = [prompts[i] for i in idx]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -141,7 +143,8 @@ class ModelPredictor:
         scores = [0.0] * len(pairs)
         was_training = self.method.model.training
         self.method.model.eval()
-        for start in range(0, len(order), self.batch_size):
+        for start in tqdm(range(0, len(order), self.batch_size), desc="score labels", unit="batch", leave=False,
+                          mininterval=2.0):
             idx = order[start:start + self.batch_size]
             batch = {k: v.to(self.device) for k, v in collate([pairs[i] for i in idx], self.pad_id).items()}
             inputs = self.method.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"])

@@ -15,9 +15,9 @@ from peftlab.config import load_config
 from peftlab.lab.experiment import RESULT_NAME, eval_run, train_run
 from peftlab.lab.table import format_table
 
-COMMON = ["task=table-to-text", "data=demo", "data.max_validation=40", "data.max_test=60", "eval.batch_size=30",
-          "eval.max_new_tokens=48", "train.batch_size=8", "train.max_steps=60", "train.eval_every=30",
-          "train.eval_examples=0", "train.log_every=10", "train.warmup_steps=5",]
+COMMON = ["task=table-to-text", "data=demo", "data.max_validation=40", "data.max_test=50", "eval.batch_size=25",
+          "eval.max_new_tokens=48", "train.batch_size=8", "train.max_steps=40", "train.eval_every=20",
+          "train.eval_examples=0", "train.log_every=10", "train.warmup_steps=4"]
 # (run name, method overrides)
 RUNS = [
     ("lora", ["method=lora", "method.r=8", "method.target_modules=[q,v]"]),

@@ -42,8 +42,11 @@ def result_row(result: dict[str, Any], split: str = "test") -> dict[str, str]:
     return row
 
 
-def format_table(results: list[dict[str, Any]], split: str = "test") -> str:
-    """Rows = runs, columns = the metrics any run has, then cost columns; baselines (e.g. lead-3) get rows too."""
+def format_table(results: list[dict[str, Any]], split: str = "test", markdown: bool = False) -> str:
+    """Rows = runs, columns = the metrics any run has, then cost columns; baselines (e.g. lead-3) get rows too.
+
+    ``markdown=True`` gives a Markdown table (for BENCHMARKS.md) instead of aligned plain text.
+    """
     rows = [result_row(r, split) for r in results]
     for r in results:
         for name, values in r.get("metrics", {}).get(split, {}).get("baselines", {}).items():
@@ -51,6 +54,10 @@ def format_table(results: list[dict[str, Any]], split: str = "test") -> str:
                 rows.append({"method": name, **{k: f"{v:.2f}" for k, v in values.items() if k in METRIC_ORDER}})
     columns = ["method"] + [k for k in METRIC_ORDER if any(k in row for row in rows)]
     columns += ["trainable", "train time", "tok/s", "peak mem", "n"]
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+        lines += ["| " + " | ".join(row.get(c, "-") for c in columns) + " |" for row in rows]
+        return "\n".join(lines)
     widths = {c: max(len(c), *(len(row.get(c, "-")) for row in rows)) for c in columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
     lines += ["  ".join(row.get(c, "-").ljust(widths[c]) for c in columns) for row in rows]

@@ -3,6 +3,6 @@
 from peftlab.methods.base import MethodSpec, PeftMethod, all_methods, freeze_all, get_method, register
 
 # Importing a method package registers it.
-from peftlab.methods import full, last_layer, lora, prompt_tuning  # noqa: E402,F401  isort: skip
+from peftlab.methods import adapters, bitfit, full, ia3, last_blocks, last_layer, lora, prompt_tuning  # noqa: E402,F401  isort: skip
 
 __all__ = ["MethodSpec", "PeftMethod", "all_methods", "freeze_all", "get_method", "register"]

@@ -321,3 +321,43 @@ def _finish(model: nn.Module, found: dict[tuple[str, str | None], TargetModule],
         raise ConfigError(f"{key}: {overlap[0]} is targeted both whole and as q/k/v slices; choose one")
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return sorted(found.values(), key=lambda t: (order[t.name], t.out_slice or (0, 0)))
+
+
+# Attribute names of the norm after the last block on the trunk: GPT-2 ``ln_f``, Llama/Mistral/Qwen2 ``norm``,
+# OPT ``final_layer_norm``, Phi ``final_layernorm``.
+FINAL_NORM_ATTRS: tuple[str, ...] = ("ln_f", "norm", "final_layer_norm", "final_layernorm")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied after the last transformer block (GPT-2 ``transformer.ln_f``, Llama ``model.norm``)."""
+    body = trunk(model)
+    for attr in FINAL_NORM_ATTRS:
+        norm = getattr(body, attr, None)
+        if isinstance(norm, nn.Module):
+            return norm
+    raise TypeError(f"cannot find the final norm of {type(model).__name__} (looked for {', '.join(FINAL_NORM_ATTRS)})")
+
+
+# family -> sub-layer -> module path inside one block, for the two sub-layers whose outputs the block adds to the
+# residual stream: "attn", the attention module (normed hidden states (B, T, d) -> tuple whose first item is
+# (B, T, d)), and "ffn", the feed-forward module ((B, T, d) -> (B, T, d)).
+SUBLAYERS: dict[str, dict[str, str]] = {
+    "gpt2": {"attn": "attn", "ffn": "mlp"},
+    "llama": {"attn": "self_attn", "ffn": "mlp"},
+}
+
+
+def sublayer_names(model: nn.Module, kind: str) -> list[str]:
+    """Dotted paths of one sub-layer kind (``"attn"`` or ``"ffn"``, see :data:`SUBLAYERS`) in every block, in order.
+
+    Raises:
+        TypeError: the model's block layout is not a known family.
+        ValueError: ``kind`` is not a sub-layer kind.
+    """
+    fam = family(model)
+    if fam is None or fam not in SUBLAYERS:
+        raise TypeError(f"the blocks of {type(model).__name__} have an unknown layout; "
+                        f"sub-layers are known for {', '.join(SUBLAYERS)}")
+    if kind not in SUBLAYERS[fam]:
+        raise ValueError(f"unknown sub-layer {kind!r}; choose one of {', '.join(SUBLAYERS[fam])}")
+    return [f"{prefix}.{SUBLAYERS[fam][kind]}" for prefix in _block_prefixes(model)]

@@ -18,6 +18,10 @@ class LoraConfig:
         "or one regex string over full module names",
     )
     rslora: bool = opt(False, "rank-stabilized scaling alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023)")
+    use_dora: bool = opt(
+        False,
+        "DoRA (Liu et al. 2024): a trainable magnitude per output feature times the normalised direction W + s B A",
+    )
 
     def __post_init__(self) -> None:
         check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "method.r",
@@ -27,6 +31,7 @@ class LoraConfig:
         check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "method.dropout",
               f"must be in [0, 1), got {self.dropout!r}")
         check(isinstance(self.rslora, bool), "method.rslora", f"must be true or false, got {self.rslora!r}")
+        check(isinstance(self.use_dora, bool), "method.use_dora", f"must be true or false, got {self.use_dora!r}")
         targets = self.target_modules
         names_ok = isinstance(targets, (list, tuple)) and all(isinstance(t, str) and t for t in targets)
         if isinstance(targets, str):

@@ -7,6 +7,22 @@ A frozen linear layer y = x W^T + b gets a trainable low-rank update on (some of
 so the model is unchanged at step 0; scaling = alpha / r (or alpha / sqrt(r) with rsLoRA, Kalajdzievski 2023).
 Merging folds the update into W: W[s:e] += scaling * B A (for GPT-2's Conv1D, whose weight is (d_in, d_out),
 W[:, s:e] += scaling * (B A)^T).
+
+DoRA (Weight-Decomposed Low-Rank Adaptation, Liu et al. 2024, https://arxiv.org/abs/2402.09353) splits the
+adapted weight V = W + scaling * B A (rows = output features, (e - s, d_in)) into a magnitude and a direction:
+
+    y[..., s:e] = m / ||V||_row * (x V^T) + b[s:e]          m: (e - s,) trainable, init ||W[s:e]||_row
+
+||V||_row is the L2 norm of each output feature's weight vector (PEFT's ``get_weight_norm``: norm over dim 1 of
+the (out, in) weight, so over the rows of Conv1D's transposed (in, out) weight), recomputed every forward but
+detached from the graph (paper section 4.3, as PEFT). At init B = 0 and m = ||W||, so the factor is exactly 1.
+The forward adds to the base output y0 = x W^T + b, as PEFT does (f = m / ||V||):
+
+    y = y0 + (f - 1) * (y0 - b) + f * scaling * x A^T B^T       (with active dropout: (y0 - b) -> dropout(x) W^T)
+
+Merging writes W[s:e] <- f * (W[s:e] + scaling * B A); unmerging divides by the f saved at merge time.
+Each GPT-2 q/k/v slice has its own magnitude over its own output columns (one output feature never mixes with
+another, so slices are exact; a slice DoRA equals a whole-c_attn DoRA whose untouched columns keep m = ||W||).
 """
 
 from __future__ import annotations
@@ -33,6 +49,7 @@ class LoraLinear(nn.Module):
         r: rank.
         scaling: multiplier of the update (alpha / r or alpha / sqrt(r)).
         dropout: dropout probability on the branch input.
+        use_dora: add a DoRA magnitude vector per branch (see the module docstring).
     """
 
     def __init__(
@@ -44,6 +61,7 @@ class LoraLinear(nn.Module):
         r: int,
         scaling: float,
         dropout: float = 0.0,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -63,6 +81,13 @@ class LoraLinear(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's (and nn.Linear's) default init
             self.lora_A[key] = nn.Parameter(a)
             self.lora_B[key] = nn.Parameter(torch.zeros(stop - start, r, dtype=dtype, device=w.device))
+        self.use_dora = use_dora
+        # DoRA magnitude per branch (PEFT's ``lora_magnitude_vector``); empty for plain LoRA.
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._merge_factors: dict[str, torch.Tensor] = {}  # DoRA's f at merge time, for an exact unmerge
+        if use_dora:
+            for key in self.slices:
+                self.lora_magnitude_vector[key] = nn.Parameter(self.weight_norm(key).to(dtype))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -87,11 +112,37 @@ class LoraLinear(nn.Module):
         for key, (start, stop) in self.slices.items():
             # (..., d_in) -> (..., r) -> (..., stop - start): two thin matmuls; B A is never formed here.
             delta = F.linear(F.linear(h, self.lora_A[key]), self.lora_B[key]) * self.scaling
+            if self.use_dora:
+                delta = self._dora_delta(key, h, out[..., start:stop], delta)
             if self.whole:
                 out = out + delta.to(out.dtype)
             else:
                 out[..., start:stop] += delta.to(out.dtype)
         return out
+
+    def base_rows(self, key: str) -> torch.Tensor:
+        """The base weight rows of one branch as (stop - start, d_in), whatever the storage layout (a view)."""
+        start, stop = self.slices[key]
+        w = self.base_layer.weight
+        return w[:, start:stop].T if self.fan_in_fan_out else w[start:stop, :]
+
+    @torch.no_grad()
+    def weight_norm(self, key: str) -> torch.Tensor:
+        """||W[s:e] + scaling * B A||_row: (stop - start,), detached (DoRA treats it as a constant)."""
+        a = self.lora_A[key]
+        rows = self.base_rows(key).to(a.dtype) + self.scaling * (self.lora_B[key] @ a)
+        return torch.linalg.norm(rows, dim=1)
+
+    def _dora_delta(self, key: str, h: torch.Tensor, base_out: torch.Tensor, lora_out: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to one branch's base output: (f - 1) * (x W^T) + f * lora_out, f = m / ||V||_row."""
+        factor = self.lora_magnitude_vector[key] / self.weight_norm(key)  # (stop - start,)
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            plain = F.linear(h, self.base_rows(key).to(h.dtype))  # PEFT: the base term sees the dropped input too
+        else:
+            bias = self.base_layer.bias
+            start, stop = self.slices[key]
+            plain = base_out - bias[start:stop] if bias is not None else base_out.clone()  # clone: out is edited
+        return (factor - 1) * plain.to(factor.dtype) + factor * lora_out
 
     def delta_weight(self, key: str) -> torch.Tensor:
         """scaling * B A for one branch, laid out like the base weight's slice ((out, in), or (in, out) for Conv1D)."""
@@ -100,16 +151,22 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold every branch into the base weight; forward then skips the low-rank path."""
+        """Fold every branch (and DoRA's factor) into the base weight; forward then skips the low-rank path."""
         if not self.merged:
-            self._add_delta(sign=1.0)
+            if self.use_dora:
+                self._merge_dora()
+            else:
+                self._add_delta(sign=1.0)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the merged update again (exact up to float rounding)."""
+        """Undo :meth:`merge`: subtract the update (DoRA: after dividing by the saved factor); exact up to rounding."""
         if self.merged:
-            self._add_delta(sign=-1.0)
+            if self.use_dora:
+                self._unmerge_dora()
+            else:
+                self._add_delta(sign=-1.0)
             self.merged = False
 
     def _add_delta(self, sign: float) -> None:
@@ -121,6 +178,23 @@ class LoraLinear(nn.Module):
             else:
                 w[start:stop, :] += delta  # nn.Linear weight: (d_out, d_in)
 
+    def _merge_dora(self) -> None:
+        for key in self.slices:
+            # f from the unmerged weight, as forward computes it; saved because the merged W no longer gives it.
+            factor = self.lora_magnitude_vector[key].detach() / self.weight_norm(key)
+            self._merge_factors[key] = factor
+            rows = self.base_rows(key)
+            rows.copy_((factor[:, None] * (rows.to(factor.dtype) + self.scaling * self.lora_B[key] @ self.lora_A[key]))
+                       .to(rows.dtype))
+
+    def _unmerge_dora(self) -> None:
+        for key in self.slices:
+            factor = self._merge_factors.pop(key)
+            rows = self.base_rows(key)
+            update = self.scaling * self.lora_B[key] @ self.lora_A[key]
+            rows.copy_((rows.to(factor.dtype) / factor[:, None] - update).to(rows.dtype))
+
     def extra_repr(self) -> str:
         parts = ", ".join(f"{k}[{a}:{b}]" for k, (a, b) in self.slices.items())
-        return f"r={self.r}, scaling={self.scaling:g}, slices=({parts}), merged={self.merged}"
+        dora = ", dora=True" if self.use_dora else ""
+        return f"r={self.r}, scaling={self.scaling:g}, slices=({parts}){dora}, merged={self.merged}"

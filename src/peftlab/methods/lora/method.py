@@ -1,6 +1,7 @@
 """Apply LoRA to a model: resolve the targets, wrap each in :class:`LoraLinear`, train only A and B.
 
 Trainable count = sum over targets of r * (d_in + d_out_slice); e.g. GPT-2 q/v slices: 2 * r * (d + d) per block.
+DoRA (``use_dora``) adds one magnitude per output feature: + d_out_slice per target.
 """
 
 from __future__ import annotations
@@ -26,12 +27,19 @@ class LoraMethod(PeftMethod):
         self._tied = tied  # targets whose base weight is also the input embedding (merging would change inputs)
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        """``<module>.lora_A.<branch>`` and ``<module>.lora_B.<branch>``; branch ``weight`` = whole module."""
+        """``<module>.lora_A.<branch>`` and ``<module>.lora_B.<branch>``; branch ``weight`` = whole module.
+
+        With DoRA also ``<module>.lora_magnitude_vector`` (whole module: PEFT's key, shape (d_out,)) or
+        ``<module>.lora_magnitude_vector.<branch>`` (a slice).
+        """
         params: dict[str, nn.Parameter] = {}
         for name, layer in self.layers.items():
             for key in layer.slices:
                 params[f"{name}.lora_A.{key}"] = layer.lora_A[key]
                 params[f"{name}.lora_B.{key}"] = layer.lora_B[key]
+                if layer.use_dora:
+                    suffix = "" if key == WHOLE else f".{key}"
+                    params[f"{name}.lora_magnitude_vector{suffix}"] = layer.lora_magnitude_vector[key]
         return params
 
     @property
@@ -54,8 +62,11 @@ class LoraMethod(PeftMethod):
         """Rank, scaling and the adapted layer kinds, e.g. ``["c_attn[q,v]"]`` (slices in brackets)."""
         kinds = {name.rsplit(".", 1)[-1] + ("" if layer.whole else f"[{','.join(layer.slices)}]")
                  for name, layer in self.layers.items()}
-        return {"r": self.config.r, "scaling": self.config.scaling, "targets": sorted(kinds),
+        info = {"r": self.config.r, "scaling": self.config.scaling, "targets": sorted(kinds),
                 "n_modules": len(self.layers)}
+        if self.config.use_dora:  # only when on: plain LoRA results keep their earlier shape
+            info["dora"] = True
+        return info
 
 
 def apply_lora(model: nn.Module, config: LoraConfig) -> LoraMethod:
@@ -66,7 +77,8 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> LoraMethod:
         config: the LoRA options.
 
     Returns:
-        The :class:`LoraMethod`; at this point the model's outputs equal the base model's (B = 0).
+        The :class:`LoraMethod`; at this point the model's outputs equal the base model's (B = 0; with DoRA
+        also m = ||W||_row, so the DoRA factor is 1).
 
     Raises:
         ConfigError: ``method.target_modules`` matches nothing (the message lists the valid names).
@@ -85,7 +97,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> LoraMethod:
         first = group[0]
         slices = {t.part: t.out_slice for t in group} if first.part else {WHOLE: (0, first.out_features)}
         layer = LoraLinear(first.module, slices, first.in_features, first.fan_in_fan_out, config.r,
-                           config.scaling, config.dropout)
+                           config.scaling, config.dropout, use_dora=config.use_dora)
         layer.train(model.training)  # a new nn.Dropout starts in training mode even inside an eval() model
         model.set_submodule(name, layer)
         layers[name] = layer

@@ -1,0 +1,127 @@
+"""Apply (IA)^3 to a model: resolve the targets, wrap each in :class:`IA3Linear`, train only the vectors.
+
+Trainable count = sum over targets of d_out_slice (output scaling) or d_in (input scaling); the default on Llama
+(k, v, down) is n_layers * (2 * n_kv_heads * head_dim + intermediate_size), on GPT-2 n_layers * (2 d + 4 d).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+
+from peftlab.config import ConfigError
+from peftlab.methods.base import PeftMethod, freeze_all
+from peftlab.methods.ia3.config import IA3Config
+from peftlab.methods.ia3.layer import WHOLE, IA3Linear
+from peftlab.models.arch import TargetModule, input_embeddings, resolve_targets
+
+# What feedforward_modules=null means: the FFN down projection, whose input is the FFN's intermediate activation.
+DEFAULT_FEEDFORWARD = ["down"]
+
+
+class IA3Method(PeftMethod):
+    """(IA)^3 applied to one model; ``layers`` maps module path -> its :class:`IA3Linear`."""
+
+    def __init__(self, model: nn.Module, config: IA3Config, layers: dict[str, IA3Linear], tied: list[str]) -> None:
+        self.model = model
+        self.config = config
+        self.layers = layers
+        self._tied = tied  # targets whose base weight is also the input embedding (merging would change inputs)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """``<module>.ia3_l`` for a whole layer (PEFT's key and shape), ``<module>.ia3_l.<slice>`` for a slice."""
+        params: dict[str, nn.Parameter] = {}
+        for name, layer in self.layers.items():
+            for key in layer.slices:
+                params[f"{name}.ia3_l" if key == WHOLE else f"{name}.ia3_l.{key}"] = layer.ia3_l[key]
+        return params
+
+    @property
+    def mergeable(self) -> bool:
+        """False when a target shares its weight with the input embeddings (a tied LM head)."""
+        return not self._tied
+
+    def merge(self) -> None:
+        if not self.mergeable:
+            warnings.warn(f"IA3 not merged: {self._tied} share their weight with the input embeddings", stacklevel=2)
+            return
+        for layer in self.layers.values():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge()
+
+    def describe(self) -> dict[str, Any]:
+        """Rescaled layer kinds, e.g. ``{"output": ["c_attn[k,v]"], "input": ["c_proj"]}``."""
+        kinds: dict[str, set[str]] = {"output": set(), "input": set()}
+        for name, layer in self.layers.items():
+            leaf = name.rsplit(".", 1)[-1] + ("" if layer.whole else f"[{','.join(layer.slices)}]")
+            kinds["input" if layer.feedforward else "output"].add(leaf)
+        return {"output": sorted(kinds["output"]), "input": sorted(kinds["input"]), "n_modules": len(self.layers)}
+
+
+def feedforward_names(model: nn.Module, config: IA3Config, targets: list[TargetModule]) -> set[str]:
+    """Module paths among ``targets`` whose input (not output) is rescaled.
+
+    Raises:
+        ConfigError: an explicit ``feedforward_modules`` item matches a layer that is not a whole-layer target.
+    """
+    target_names = {t.name for t in targets}
+    sliced = {t.name for t in targets if t.part is not None}
+    if config.feedforward_modules is None:
+        try:
+            default = resolve_targets(model, DEFAULT_FEEDFORWARD)
+        except ConfigError:  # a family without a canonical FFN down projection: no input scaling by default
+            return set()
+        return {t.name for t in default} & (target_names - sliced)
+    if not config.feedforward_modules:
+        return set()
+    key = "method.feedforward_modules"
+    chosen = resolve_targets(model, config.feedforward_modules, key=key)
+    for t in chosen:
+        if t.part is not None or t.name in sliced:
+            raise ConfigError(f"{key}: {t.name} is targeted as {t.part or 'q/k/v'} output slices; input scaling "
+                              f"rescales a whole layer's input, so target the whole layer or drop it from {key}")
+        if t.name not in target_names:
+            raise ConfigError(f"{key}: {t.name} is not among method.target_modules; feedforward modules must be a "
+                              f"subset of the targets (as in PEFT)")
+    return {t.name for t in chosen}
+
+
+def apply_ia3(model: nn.Module, config: IA3Config) -> IA3Method:
+    """Freeze ``model`` and wrap every target layer in an :class:`IA3Linear` (in place).
+
+    Args:
+        model: a GPT-2 or Llama-family causal LM.
+        config: the (IA)^3 options.
+
+    Returns:
+        The :class:`IA3Method`; at this point the model's outputs equal the base model's (all scales are 1).
+
+    Raises:
+        ConfigError: ``method.target_modules`` or ``method.feedforward_modules`` matches nothing or is inconsistent
+            (the message lists the valid names).
+    """
+    if any(isinstance(m, IA3Linear) for m in model.modules()):
+        raise ValueError("IA3 is already applied to this model; apply it to a fresh base model")
+    targets = resolve_targets(model, config.target_modules, key="method.target_modules")
+    feedforward = feedforward_names(model, config, targets)
+    freeze_all(model)
+    groups: dict[str, list[TargetModule]] = {}
+    for t in targets:
+        groups.setdefault(t.name, []).append(t)
+    emb_weight = input_embeddings(model).weight
+    layers: dict[str, IA3Linear] = {}
+    tied: list[str] = []
+    for name, group in groups.items():
+        first = group[0]
+        slices = {t.part: t.out_slice for t in group} if first.part else {WHOLE: (0, first.out_features)}
+        layer = IA3Linear(first.module, slices, first.in_features, first.fan_in_fan_out, name in feedforward)
+        model.set_submodule(name, layer)
+        layers[name] = layer
+        if first.module.weight is emb_weight:
+            tied.append(name)
+    return IA3Method(model, config, layers, tied)

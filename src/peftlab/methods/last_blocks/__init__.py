@@ -1,0 +1,19 @@
+"""Last-N-blocks tuning: train the top transformer blocks (and the final norm, optionally the head); see
+:mod:`.method`."""
+
+from peftlab.methods.base import MethodSpec, register
+from peftlab.methods.last_blocks.config import HEAD_MODES, LastBlocksConfig
+from peftlab.methods.last_blocks.method import LastBlocksMethod, apply_last_blocks
+
+SPEC = register(
+    MethodSpec(
+        name="last-blocks",
+        config_cls=LastBlocksConfig,
+        apply=apply_last_blocks,
+        summary="train the top n_blocks transformer blocks, the final norm and optionally the output head",
+        default_lr=1e-4,
+        paper="https://arxiv.org/abs/1911.03090",
+    )
+)
+
+__all__ = ["HEAD_MODES", "SPEC", "LastBlocksConfig", "LastBlocksMethod", "apply_last_blocks"]
