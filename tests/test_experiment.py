@@ -21,7 +21,9 @@ def _cfg(model_dir, out, *extra):
     return load_config(None, [f"model={model_dir}", "task=table-to-text", "data=demo", f"out={out}", *FAST, *extra])
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt-tuning", "last-layer", "full"])
+@pytest.mark.parametrize("method", ["lora", "prompt-tuning", "last-layer", "full", "prefix-tuning",
+                                    "adapter-houlsby", "adapter-scaled-parallel", "ia3", "last-blocks",
+                                    "intrinsic-dim"])
 def test_train_writes_result_and_eval_reproduces_it(tiny_llama_dir, tmp_path, method):
     out = tmp_path / method
     result = train_run(_cfg(tiny_llama_dir, out, f"method={method}"))

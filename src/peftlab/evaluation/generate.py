@@ -44,7 +44,9 @@ def greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id
     input_ids, attention_mask = left_pad([list(p) for p in prompts], pad_id)
     inputs = method.prepare_inputs(input_ids.to(device), attention_mask.to(device))
     attention_mask = inputs["attention_mask"]
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    # The mask may be longer than the fed sequence: prefix tuning's n virtual positions sit in the cache, not in it.
+    fed = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -fed.shape[1]:]
     out = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1]
     batch = input_ids.shape[0]
@@ -81,6 +83,10 @@ def beam_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id: 
     """Beam search through ``model.generate`` on the method's prepared (prefill) inputs."""
     input_ids, attention_mask = left_pad([list(p) for p in prompts], pad_id)
     inputs = method.prepare_inputs(input_ids.to(device), attention_mask.to(device))
+    if "past_key_values" in inputs:
+        # transformers' generate neither expands a prefilled cache per beam nor expects it before input_ids.
+        raise ValueError("eval.num_beams > 1 is not supported yet for methods that prefill the KV cache "
+                         "(prefix tuning); use eval.num_beams=1")
     out = method.model.generate(**inputs, num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens,
                                 pad_token_id=pad_id, eos_token_id=sorted(eos_ids))
     # With input_ids, generate returns prompt + continuation; with inputs_embeds, the continuation only.

@@ -183,12 +183,13 @@ def train_run(cfg: RunConfig, command: str = "", on_step: Callable[[TrainState],
     if cfg.resume and trainer.resume():
         print(f"[train] resumed from step {trainer.state.step} of {trainer.total_steps}", file=sys.stderr)
     state = trainer.fit()
+    params = _param_info(setup)  # counted as trained, before after_training() may fold parameters away
+    setup.method.after_training()
     adapter_dir = save_adapter(setup.method, cfg.method.name, out / "adapter", cfg.model.name, setup.fingerprint,
                                extra={"task": _task_record(cfg.task, setup.task)})
     metrics, samples, speed = evaluate_splits(setup, cfg.eval.splits)
     embed = input_embeddings(setup.method.model).weight.numel()
     head = output_head(setup.method.model).weight.numel()
-    params = _param_info(setup)
     train_info = {
         "method": {"name": cfg.method.name, **setup.method.describe()},
         **params,

@@ -80,6 +80,9 @@ class PeftMethod:
             out["labels"] = labels
         return out
 
+    def after_training(self) -> None:
+        """Called once after training, before the adapter is saved (e.g. prefix tuning folds its MLP into P)."""
+
     @property
     def mergeable(self) -> bool:
         """True when :meth:`merge` folds the method into the base weights (inference without overhead)."""
