@@ -10,6 +10,7 @@ never switches on method names: anything a method does to the inputs (soft promp
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -97,6 +98,35 @@ class PeftMethod:
     def describe(self) -> dict[str, Any]:
         """Facts recorded in the result's ``train_info['method']`` (e.g. whether a head was untied)."""
         return {}
+
+
+class LayerwiseMergeable(PeftMethod):
+    """A method made of wrapped layers that each fold into their base weight (LoRA, IA3).
+
+    Subclasses set ``self.layers`` (name -> layer with ``merge()``/``unmerge()``), ``self._tied`` (targets whose
+    weight is also the input embedding: merging those would change the inputs too) and ``merge_label``.
+    """
+
+    layers: dict[str, nn.Module]
+    _tied: list[str]
+    merge_label: str = "method"
+
+    @property
+    def mergeable(self) -> bool:
+        """False when a target shares its weight with the input embeddings (a tied LM head)."""
+        return not self._tied
+
+    def merge(self) -> None:
+        if not self.mergeable:
+            warnings.warn(f"{self.merge_label} not merged: {self._tied} share their weight with the input embeddings",
+                          stacklevel=2)
+            return
+        for layer in self.layers.values():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge()
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,12 @@ Trainable count = sum over targets of d_out_slice (output scaling) or d_in (inpu
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from torch import nn
 
 from peftlab.config import ConfigError
-from peftlab.methods.base import PeftMethod, freeze_all
+from peftlab.methods.base import LayerwiseMergeable, freeze_all
 from peftlab.methods.ia3.config import IA3Config
 from peftlab.methods.ia3.layer import WHOLE, IA3Linear
 from peftlab.models.arch import TargetModule, input_embeddings, resolve_targets
@@ -21,8 +20,10 @@ from peftlab.models.arch import TargetModule, input_embeddings, resolve_targets
 DEFAULT_FEEDFORWARD = ["down"]
 
 
-class IA3Method(PeftMethod):
+class IA3Method(LayerwiseMergeable):
     """(IA)^3 applied to one model; ``layers`` maps module path -> its :class:`IA3Linear`."""
+
+    merge_label = "IA3"
 
     def __init__(self, model: nn.Module, config: IA3Config, layers: dict[str, IA3Linear], tied: list[str]) -> None:
         self.model = model
@@ -37,22 +38,6 @@ class IA3Method(PeftMethod):
             for key in layer.slices:
                 params[f"{name}.ia3_l" if key == WHOLE else f"{name}.ia3_l.{key}"] = layer.ia3_l[key]
         return params
-
-    @property
-    def mergeable(self) -> bool:
-        """False when a target shares its weight with the input embeddings (a tied LM head)."""
-        return not self._tied
-
-    def merge(self) -> None:
-        if not self.mergeable:
-            warnings.warn(f"IA3 not merged: {self._tied} share their weight with the input embeddings", stacklevel=2)
-            return
-        for layer in self.layers.values():
-            layer.merge()
-
-    def unmerge(self) -> None:
-        for layer in self.layers.values():
-            layer.unmerge()
 
     def describe(self) -> dict[str, Any]:
         """Rescaled layer kinds, e.g. ``{"output": ["c_attn[k,v]"], "input": ["c_proj"]}``."""

@@ -6,19 +6,20 @@ DoRA (``use_dora``) adds one magnitude per output feature: + d_out_slice per tar
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from torch import nn
 
-from peftlab.methods.base import PeftMethod, freeze_all
+from peftlab.methods.base import LayerwiseMergeable, freeze_all
 from peftlab.methods.lora.config import LoraConfig
 from peftlab.methods.lora.layer import WHOLE, LoraLinear
 from peftlab.models.arch import TargetModule, input_embeddings, resolve_targets
 
 
-class LoraMethod(PeftMethod):
+class LoraMethod(LayerwiseMergeable):
     """LoRA applied to one model; ``layers`` maps module path -> its :class:`LoraLinear`."""
+
+    merge_label = "LoRA"
 
     def __init__(self, model: nn.Module, config: LoraConfig, layers: dict[str, LoraLinear], tied: list[str]) -> None:
         self.model = model
@@ -41,22 +42,6 @@ class LoraMethod(PeftMethod):
                     suffix = "" if key == WHOLE else f".{key}"
                     params[f"{name}.lora_magnitude_vector{suffix}"] = layer.lora_magnitude_vector[key]
         return params
-
-    @property
-    def mergeable(self) -> bool:
-        """False when a target shares its weight with the input embeddings (a tied LM head)."""
-        return not self._tied
-
-    def merge(self) -> None:
-        if not self.mergeable:
-            warnings.warn(f"LoRA not merged: {self._tied} share their weight with the input embeddings", stacklevel=2)
-            return
-        for layer in self.layers.values():
-            layer.merge()
-
-    def unmerge(self) -> None:
-        for layer in self.layers.values():
-            layer.unmerge()
 
     def describe(self) -> dict[str, Any]:
         """Rank, scaling and the adapted layer kinds, e.g. ``["c_attn[q,v]"]`` (slices in brackets)."""
