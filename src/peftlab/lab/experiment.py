@@ -148,9 +148,9 @@ def evaluate_splits(setup: Setup, splits: list[str], merge: bool = True) -> tupl
     return metrics, samples, speed
 
 
-def _run_info(cfg: RunConfig, setup: Setup, command: str, started: float) -> dict[str, Any]:
+def _run_info(cfg: RunConfig, setup: Setup, command: str, started: float, commit: str | None) -> dict[str, Any]:
     return {"command": command, "config": cfg.to_dict(), "versions": results.package_versions(),
-            "machine": results.machine_info(setup.device), "seed": cfg.train.seed, "git_commit": results.git_commit(),
+            "machine": results.machine_info(setup.device), "seed": cfg.train.seed, "git_commit": commit,
             "started": started, "finished": time.time()}
 
 
@@ -162,7 +162,7 @@ def _param_info(setup: Setup) -> dict[str, Any]:
 
 def train_run(cfg: RunConfig, command: str = "", on_step: Callable[[TrainState], None] | None = None) -> dict:
     """Train ``cfg.method`` on ``cfg.task``/``cfg.data``, save the adapter, evaluate, and write ``result.json``."""
-    started = time.time()
+    started, commit = time.time(), results.git_commit()  # the code that runs is the code at the start
     out = Path(cfg.out)
     _check_out_dir(out, cfg.resume)
     setup = build(cfg)
@@ -213,7 +213,7 @@ def train_run(cfg: RunConfig, command: str = "", on_step: Callable[[TrainState],
         "early_stop_step": state.step if state.stopped_early else None,
     }
     result = {"schema_version": results.SCHEMA_VERSION, "kind": "train",
-              "run_info": _run_info(cfg, setup, command, started), "train_info": train_info,
+              "run_info": _run_info(cfg, setup, command, started, commit), "train_info": train_info,
               "metrics": metrics, "samples": samples}
     atomic_write_json(out / RESULT_NAME, result)
     return result
@@ -230,7 +230,7 @@ def _task_record(task_cfg: TaskConfig, task: Task) -> dict[str, Any]:
 
 def eval_run(cfg: RunConfig, command: str = "") -> dict:
     """Evaluate the base model zero-shot (``adapter`` unset) or with a saved adapter; writes ``result.json``."""
-    started = time.time()
+    started, commit = time.time(), results.git_commit()  # the code that runs is the code at the start
     out = Path(cfg.out)
     _check_out_dir(out, resume=False)
     if cfg.adapter is not None:
@@ -251,7 +251,7 @@ def eval_run(cfg: RunConfig, command: str = "") -> dict:
         train_info["trainable_params"] = 0
         train_info["trainable_percent"] = 0.0
     result = {"schema_version": results.SCHEMA_VERSION, "kind": "eval",
-              "run_info": _run_info(cfg, setup, command, started), "train_info": train_info,
+              "run_info": _run_info(cfg, setup, command, started, commit), "train_info": train_info,
               "metrics": metrics, "samples": samples}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / RESULT_NAME, result)
