@@ -19,11 +19,12 @@ import warnings
 import torch
 from torch import nn
 
-# Branch key of a vector that covers the whole layer; its adapter key is ``<module>.ia3_l`` (PEFT's layout).
-WHOLE = "weight"
+from peftlab.methods.wrapped_linear import WHOLE, SlicedLinearWrapper
+
+__all__ = ["WHOLE", "IA3Linear"]
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(SlicedLinearWrapper):
     """Wraps (never subclasses) an ``nn.Linear`` or GPT-2 ``Conv1D`` and rescales its input or output.
 
     Args:
@@ -43,34 +44,15 @@ class IA3Linear(nn.Module):
         fan_in_fan_out: bool,
         feedforward: bool,
     ) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer, {WHOLE: (0, in_features)} if feedforward else slices, fan_in_fan_out)
         self.feedforward = feedforward
-        self.fan_in_fan_out = fan_in_fan_out
-        self.slices = {WHOLE: (0, in_features)} if feedforward else dict(slices)
         self.out_features = base_layer.weight.shape[1 if fan_in_fan_out else 0]
-        self.merged = False
         w = base_layer.weight
-        # Half-precision bases get float32 vectors (as LoRA here and PEFT's autocast_adapter_dtype).
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = self.trainable_dtype
         self.ia3_l = nn.ParameterDict()
         for key, (start, stop) in self.slices.items():
             shape = (1, stop - start) if feedforward else (stop - start, 1)
             self.ia3_l[key] = nn.Parameter(torch.ones(shape, dtype=dtype, device=w.device))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight (code that reads ``layer.weight.dtype`` keeps working)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
-    @property
-    def whole(self) -> bool:
-        """True when one vector covers the whole input (feedforward) or every output column."""
-        return list(self.slices) == [WHOLE]
 
     def output_scale(self) -> torch.Tensor:
         """The (d_out,) output multiplier: the learned vectors on their slices, ones elsewhere (differentiable)."""

@@ -33,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Branch key of an update that covers all output columns: ``<module>.lora_A.weight`` is PEFT's key layout too.
-WHOLE = "weight"
+from peftlab.methods.wrapped_linear import WHOLE, SlicedLinearWrapper
+
+__all__ = ["WHOLE", "LoraLinear"]
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(SlicedLinearWrapper):
     """Wraps (never subclasses) an ``nn.Linear`` or GPT-2 ``Conv1D`` and adds one LoRA branch per output slice.
 
     Args:
@@ -63,17 +64,12 @@ class LoraLinear(nn.Module):
         dropout: float = 0.0,
         use_dora: bool = False,
     ) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.slices = dict(slices)
-        self.fan_in_fan_out = fan_in_fan_out
+        super().__init__(base_layer, slices, fan_in_fan_out)
         self.r = r
         self.scaling = scaling
-        self.merged = False
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         w = base_layer.weight
-        # Half-precision bases get float32 adapters (as PEFT's autocast_adapter_dtype): tiny updates survive.
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = self.trainable_dtype
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         for key, (start, stop) in self.slices.items():
@@ -88,20 +84,6 @@ class LoraLinear(nn.Module):
         if use_dora:
             for key in self.slices:
                 self.lora_magnitude_vector[key] = nn.Parameter(self.weight_norm(key).to(dtype))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight (code that reads ``layer.weight.dtype`` keeps working)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
-    @property
-    def whole(self) -> bool:
-        """True when one branch covers every output column."""
-        return list(self.slices) == [WHOLE]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # x: (..., d_in) -> (..., d_out)
