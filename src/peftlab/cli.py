@@ -3,6 +3,7 @@
     peftlab train [CONFIG.yaml] [key=value ...]     train a method, evaluate it, save adapter + result.json
     peftlab eval  [CONFIG.yaml] [key=value ...]     evaluate the base model (zero-shot) or adapter=DIR
     peftlab methods                                 list methods with their options, defaults and help
+    peftlab methods --budget 0.1% [model=...]       size every method to a trainable-parameter budget
     peftlab demo  [key=value ...]                   compare methods on the built-in demo data and print a table
 """
 
@@ -71,6 +72,10 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def _cmd_methods(ns: argparse.Namespace) -> int:
+    if ns.budget is not None or ns.overrides:
+        from peftlab.methods.budget import print_budget
+
+        return print_budget(ns)
     from peftlab.methods import all_methods
 
     for spec in all_methods():
@@ -109,8 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value", help="config file and overrides")
         p.set_defaults(func=func)
-    p = sub.add_parser("methods", help="list methods with options, defaults and help",
+    p = sub.add_parser("methods", help="list methods with options, defaults and help; --budget sizes them",
                        description="List every registered method with its options, defaults and help.")
+    from peftlab.methods.budget import add_budget_argument
+
+    add_budget_argument(p)
     p.set_defaults(func=_cmd_methods)
     return parser
 

@@ -130,6 +130,26 @@ class LayerwiseMergeable(PeftMethod):
 
 
 @dataclass(frozen=True)
+class SizeKnob:
+    """The option that sets a method's size, for solving an equal parameter budget (:mod:`peftlab.methods.budget`).
+
+    The method's trainable count must not decrease as the option grows.
+
+    Attributes:
+        option: the config field (``"r"``, ``"n_tokens"``, ...); an integer >= ``minimum``.
+        minimum: the smallest valid value.
+        maximum: ``maximum(shape, config) -> int`` the largest value worth trying for a model shape
+            (:class:`peftlab.models.shape.ModelShape`; e.g. the number of blocks); None: unbounded.
+        replaces: options dropped when the knob is set (they are another way to give the same size).
+    """
+
+    option: str
+    minimum: int = 1
+    maximum: Callable[[Any, Any], int] | None = None
+    replaces: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """A registered method.
 
@@ -140,6 +160,12 @@ class MethodSpec:
         summary: one line for ``peftlab methods``.
         default_lr: learning rate used when ``train.lr`` is not set.
         paper: link to the method's paper.
+        count_trainable: ``count_trainable(shape, config) -> int``, the number of parameters ``apply`` would train
+            on a model of that :class:`peftlab.models.shape.ModelShape` (computed from its config, nothing built);
+            raises ``ConfigError`` where ``apply`` would. None: the method cannot count ahead.
+        size_knob: the option that sets the method's size, or None when its count is fixed by the model.
+        budget_note: ``budget_note(shape, config) -> str``, a remark for the budget table (e.g. what is left
+            after training); None: no remark.
     """
 
     name: str
@@ -148,6 +174,9 @@ class MethodSpec:
     summary: str
     default_lr: float
     paper: str = ""
+    count_trainable: Callable[[Any, Any], int] | None = None
+    size_knob: SizeKnob | None = None
+    budget_note: Callable[[Any, Any], str] | None = None
 
     def build_config(self, options: dict[str, Any]) -> Any:
         """Instantiate the config from ``method.*`` options; an unknown key lists the valid ones."""

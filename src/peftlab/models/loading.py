@@ -37,7 +37,14 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from peftlab.config import ModelConfig
 
@@ -243,6 +250,36 @@ def load_model_and_tokenizer(
     _set_padding(tokenizer, model, tried)
     model.eval()
     return model.to(_torch_device(device)), tokenizer
+
+
+def load_model_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The base model's transformers config only: no weights are read and nothing is converted.
+
+    A GGUF model (the alias too) reads the converted folder's ``config.json`` when the conversion is cached, else
+    the GGUF file's metadata (a few seconds; the same config the conversion would write).
+
+    Raises:
+        ModelNotFoundError: the model or its config cannot be found; the message says what was tried.
+    """
+    cfg.validate()
+    resolved = resolve_model(cfg.name)
+    kwargs: dict[str, str] = {}
+    if resolved.kind in ("alias", "gguf"):
+        cached, gguf = gguf_cache_dir(resolved), resolved.gguf_path
+        if gguf is not None and _cache_is_current(cached, gguf):
+            source = str(cached)
+        else:
+            source, kwargs = str(resolved.path), {"gguf_file": str(resolved.gguf_file)}
+    else:
+        source = _pretrained_source(resolved)
+    where = f"{source}/{kwargs['gguf_file']}" if kwargs else source
+    tried = f"model.name={cfg.name!r}: reading the config of {where} ({resolved.kind})"
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except OSError as exc:
+        raise ModelNotFoundError(f"{tried}: {exc}") from exc
+    except ValueError as exc:
+        raise ValueError(f"{tried}: {exc}") from exc
 
 
 def _describe_attempt(resolved: ResolvedModel, source: str) -> str:

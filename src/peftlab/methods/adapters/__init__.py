@@ -9,15 +9,19 @@ from peftlab.methods.adapters.config import (
     PfeifferAdapterConfig,
     ScaledParallelAdapterConfig,
 )
+from peftlab.methods.adapters.count import adapter_note, count_adapters
 from peftlab.methods.adapters.layer import AdaptedSublayer, BottleneckAdapter
 from peftlab.methods.adapters.method import AdapterMethod, apply_adapters
-from peftlab.methods.base import MethodSpec, register
+from peftlab.methods.base import MethodSpec, SizeKnob, register
 
 DEFAULT_LR = 1e-3
+# Solving a budget sets bottleneck_size; a reduction_factor in the options is the other way to say it, so dropped.
+BOTTLENECK_KNOB = SizeKnob("bottleneck_size", replaces=("reduction_factor",))
 
 SPECS = tuple(
     register(MethodSpec(name=cls.METHOD, config_cls=cls, apply=apply_adapters, summary=summary,
-                        default_lr=DEFAULT_LR, paper=paper))
+                        default_lr=DEFAULT_LR, paper=paper, count_trainable=count_adapters, size_knob=BOTTLENECK_KNOB,
+                        budget_note=adapter_note))
     for cls, summary, paper in (
         (HoulsbyAdapterConfig, "sequential bottleneck adapters after each block's attention output and FFN output",
          "https://arxiv.org/abs/1902.00751"),

@@ -2,6 +2,7 @@
 
 from peftlab.methods.base import MethodSpec, register
 from peftlab.methods.bitfit.config import BIAS_GROUPS, BitFitConfig
+from peftlab.methods.bitfit.count import count_bitfit
 from peftlab.methods.bitfit.method import BitFitMethod, apply_bitfit, bias_parameters
 
 SPEC = register(
@@ -12,6 +13,7 @@ SPEC = register(
         summary="train the bias terms only (all, attention or MLP); needs a model with biases, e.g. GPT-2",
         default_lr=1e-3,
         paper="https://arxiv.org/abs/2106.10199",
+        count_trainable=count_bitfit,
     )
 )
 

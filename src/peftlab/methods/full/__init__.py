@@ -2,6 +2,7 @@
 
 from peftlab.methods.base import MethodSpec, register
 from peftlab.methods.full.config import FullConfig
+from peftlab.methods.full.count import count_full
 from peftlab.methods.full.method import FullMethod, apply_full
 
 SPEC = register(
@@ -11,6 +12,7 @@ SPEC = register(
         apply=apply_full,
         summary="every parameter trains (the reference)",
         default_lr=2e-5,
+        count_trainable=count_full,
     )
 )
 

@@ -2,6 +2,7 @@
 
 from peftlab.methods.base import MethodSpec, register
 from peftlab.methods.ia3.config import IA3Config
+from peftlab.methods.ia3.count import count_ia3
 from peftlab.methods.ia3.layer import IA3Linear
 from peftlab.methods.ia3.method import IA3Method, apply_ia3
 
@@ -13,6 +14,7 @@ SPEC = register(
         summary="learned vectors (init 1) rescale keys, values and the FFN down projection's input; mergeable",
         default_lr=3e-3,
         paper="https://arxiv.org/abs/2205.05638",
+        count_trainable=count_ia3,
     )
 )
 

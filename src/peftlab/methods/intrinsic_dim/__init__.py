@@ -6,8 +6,9 @@ SmolLM2-135M all-linear (D ~ 1.06e8) with d = 1000 the two match at lr ~ 6.5e-3;
 learning rates orders of magnitude above full fine-tuning's. Scale it ~1/sqrt(d) when sweeping d.
 """
 
-from peftlab.methods.base import MethodSpec, register
+from peftlab.methods.base import MethodSpec, SizeKnob, register
 from peftlab.methods.intrinsic_dim.config import IntrinsicDimConfig
+from peftlab.methods.intrinsic_dim.count import count_intrinsic_dim, intrinsic_dim_note, subspace_size
 from peftlab.methods.intrinsic_dim.method import IntrinsicDimMethod, SubspaceOffset, apply_intrinsic_dim
 from peftlab.methods.intrinsic_dim.projection import (
     DenseProjection,
@@ -24,6 +25,9 @@ SPEC = register(
         summary="train a d-dim vector theta_d; weights = W0 + P theta_d with a fixed random (Fastfood) P; mergeable",
         default_lr=1e-2,
         paper="https://arxiv.org/abs/2012.13255",
+        count_trainable=count_intrinsic_dim,
+        size_knob=SizeKnob("d", maximum=subspace_size),
+        budget_note=intrinsic_dim_note,
     )
 )
 

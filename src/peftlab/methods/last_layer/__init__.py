@@ -2,6 +2,7 @@
 
 from peftlab.methods.base import MethodSpec, register
 from peftlab.methods.last_layer.config import HEAD_MODES, LastLayerConfig
+from peftlab.methods.last_layer.count import count_last_layer, last_layer_note
 from peftlab.methods.last_layer.method import LastLayerMethod, apply_last_layer
 
 SPEC = register(
@@ -12,6 +13,8 @@ SPEC = register(
         summary="train the output head only (an untied copy of tied embeddings by default)",
         default_lr=1e-3,
         paper="https://arxiv.org/abs/2202.10054",
+        count_trainable=count_last_layer,
+        budget_note=last_layer_note,
     )
 )
 

@@ -1,7 +1,8 @@
 """LoRA (Hu et al. 2021): trainable low-rank updates B A on chosen linear layers; see :mod:`.layer` for the math."""
 
-from peftlab.methods.base import MethodSpec, register
+from peftlab.methods.base import MethodSpec, SizeKnob, register
 from peftlab.methods.lora.config import LoraConfig
+from peftlab.methods.lora.count import count_lora
 from peftlab.methods.lora.layer import LoraLinear
 from peftlab.methods.lora.method import LoraMethod, apply_lora
 
@@ -13,6 +14,8 @@ SPEC = register(
         summary="low-rank updates (alpha/r) B A on chosen linear layers; mergeable into the base weights",
         default_lr=2e-4,
         paper="https://arxiv.org/abs/2106.09685",
+        count_trainable=count_lora,
+        size_knob=SizeKnob("r"),
     )
 )
 

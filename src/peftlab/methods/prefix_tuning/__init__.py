@@ -1,7 +1,8 @@
 """Prefix tuning (Li & Liang 2021): trainable key/value prefixes in every attention layer; see :mod:`.method`."""
 
-from peftlab.methods.base import MethodSpec, register
+from peftlab.methods.base import MethodSpec, SizeKnob, register
 from peftlab.methods.prefix_tuning.config import PrefixTuningConfig
+from peftlab.methods.prefix_tuning.count import count_prefix_tuning, max_prefix_tokens, prefix_note
 from peftlab.methods.prefix_tuning.method import (
     PREFIX_MODULE,
     PROMPT_KEY,
@@ -24,6 +25,9 @@ SPEC = register(
         # tiny test models in 10 AdamW steps with and without the MLP (tests/test_prefix_tuning.py).
         default_lr=1e-2,
         paper="https://arxiv.org/abs/2101.00190",
+        count_trainable=count_prefix_tuning,
+        size_knob=SizeKnob("n_tokens", maximum=max_prefix_tokens),
+        budget_note=prefix_note,
     )
 )
 
