@@ -8,7 +8,7 @@ import pytest
 
 from peftlab.config import ConfigError, config_from_dict, load_config, parse_override
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("**/*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
 def test_defaults_validate():

@@ -4,6 +4,7 @@
     peftlab eval  [CONFIG.yaml] [key=value ...]     evaluate the base model (zero-shot) or adapter=DIR
     peftlab methods                                 list methods with their options, defaults and help
     peftlab methods --budget 0.1% [model=...]       size every method to a trainable-parameter budget
+    peftlab compare GRID.yaml [key=value ...]       run a grid (methods x variants x N x seeds) with baselines
     peftlab demo  [key=value ...]                   compare methods on the built-in demo data and print a table
 """
 
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value", help="config file and overrides")
         p.set_defaults(func=func)
+    from peftlab.lab.compare import add_parser as add_compare_parser
+
+    add_compare_parser(sub)
     p = sub.add_parser("methods", help="list methods with options, defaults and help; --budget sizes them",
                        description="List every registered method with its options, defaults and help.")
     from peftlab.methods.budget import add_budget_argument

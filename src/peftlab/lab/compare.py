@@ -1,0 +1,348 @@
+"""`peftlab compare GRID.yaml [key=value ...]`: run a grid of methods x variants x seeds x training-set sizes.
+
+Each run writes ``<results>/<name>/<method>--<variant>--n<N>--seed<k>.json`` (the run's result, see
+:mod:`peftlab.lab.results`, plus a ``grid`` record) once it has finished; its run folder (checkpoints, adapter,
+metrics.jsonl) is ``<results>/<name>/runs/<stem>/``. The grid is safe to interrupt and to run again:
+
+* a run whose result file exists is skipped (after checking it was made with the same settings);
+* a run folder holding a finished ``result.json`` is recorded without running again;
+* a run folder holding a checkpoint is resumed from it (``resume=true``);
+* anything else starts fresh.
+
+Baselines come first: the base model zero-shot, and lead-3 for summarization (taken from the zero-shot run's
+``metrics[split]["baselines"]``, which scores it on the same examples). The grid format is described in
+:mod:`peftlab.lab.compare_grid`; ``configs/compare/`` holds examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from peftlab.config import ConfigError
+from peftlab.lab.compare_grid import (
+    LEAD_3,
+    ZERO_SHOT,
+    GridSpec,
+    PlannedRun,
+    config_differences,
+    expand_grid,
+    load_grid,
+)
+
+GRID_HELP = """A grid file holds the shared RunConfig sections (model, task, data, train, eval, as in configs/*.yaml)
+and the grid keys:
+  name: demo                      results go to <results>/<name>/ (default: task.name)
+  methods:                        a list of method names, or mappings with
+    - name: lora                    name (required)
+      options: {r: 8}               fixed method options
+      variants: {dropout: [0, 0.1]} every combination is a run; dotted keys (train.lr) set RunConfig keys
+      overrides: {train.lr: 3e-4}   RunConfig keys for this method only
+  n_train: [50, 500]              data.max_train per run (null or all: every example)
+  seeds: [0, 1]                   train.seed and data.seed
+  budget: null                    or '0.1%' / 150000: size every method to this many trainable parameters
+  baselines: true                 zero-shot base model, + lead-3 for summarization
+  results: results                root folder
+
+Overrides: grid keys (seeds=[0] n_train=[50]) replace the file's value; section keys (train.max_steps=20) set the
+shared sections (a method's own options/overrides/variants still win). Example:
+  peftlab compare configs/compare/demo.yaml train.max_steps=10 seeds=[0]"""
+
+Status = str  # "done" (result file exists) | "finished" (run folder holds result.json) | "resume" | "new"
+
+
+# ---------------------------------------------------------------------------------------------------- planning
+
+
+def _budget_tools() -> tuple[Callable[[str, int], int], Callable[..., Any]]:
+    """(parse_budget, solve) of :mod:`peftlab.methods.budget` (a seam for tests)."""
+    from peftlab.methods.budget import parse_budget, solve
+
+    return parse_budget, solve
+
+
+def _model_shape(spec: GridSpec) -> Any:
+    """The base model's :class:`~peftlab.models.shape.ModelShape`, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from peftlab.config import config_from_dict
+    from peftlab.models.loading import pretrained_source
+    from peftlab.models.shape import model_shape
+
+    model = config_from_dict(spec.shared).model
+    return model_shape(AutoConfig.from_pretrained(pretrained_source(model.name),
+                                                  trust_remote_code=model.trust_remote_code))
+
+
+def plan(spec: GridSpec, log: Callable[[str], None] = print) -> list[PlannedRun]:
+    """Every run of the grid with its config validated (budget mode: each method sized to the budget first).
+
+    In budget mode a method whose size is fixed by the model (last-layer, bitfit, ...) or whose smallest size is
+    over the budget still runs; a note says so, and its ``grid`` record carries ``budget_fits: false``.
+    """
+    if spec.budget is None:
+        return expand_grid(spec)
+    parse_budget, solve = _budget_tools()
+    shape = _model_shape(spec)
+    try:
+        budget_params = parse_budget(spec.budget, shape.total_params)
+    except ConfigError as exc:
+        raise ConfigError(f"{spec.source}: {exc}") from exc
+    notes: dict[str, str] = {}
+
+    def sized(method: str, shape: Any, budget: int, options: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+        sol = solve(method, shape, budget, options)
+        if not sol.fits:
+            notes[method] = f"{method} trains {sol.count:,} parameters, over the budget of {budget:,}"
+        elif sol.at_maximum:
+            notes[method] = f"{method} reaches only {sol.count:,} parameters at its largest {sol.knob}={sol.value}"
+        return sol.options, {"planned_trainable_params": sol.count, "budget_knob": sol.knob,
+                             "budget_fits": sol.fits}
+
+    runs = expand_grid(spec, sized, shape, budget_params)
+    for note in notes.values():
+        log(f"[compare] budget note: {note}")
+    return runs
+
+
+def check_models(runs: list[PlannedRun]) -> None:
+    """Fail early (``ModelNotFoundError``) when a run's base model cannot be found; loads nothing."""
+    from peftlab.models.loading import resolve_model
+
+    for name in dict.fromkeys(r.cfg.model.name for r in runs):
+        resolve_model(name)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable result ({exc}); delete it to run this again") from exc
+
+
+def _check_same(run: PlannedRun, path: Path, recorded: dict[str, Any] | None) -> None:
+    """A file of an earlier invocation counts only if it was made with this run's settings."""
+    if recorded is None:
+        return
+    diffs = config_differences(recorded, run.cfg, evaluation_only=run.kind != "train")
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 6 else "")
+        raise ConfigError(f"{path} was made with other settings than grid run {run.stem} ({shown}); delete it "
+                          f"(and {run.run_dir}) to run it again, or give another results folder (results=...)")
+
+
+def run_status(run: PlannedRun) -> Status:
+    """What an invocation does with ``run``, from the files already there (raises on a settings mismatch)."""
+    from peftlab.lab.experiment import RESULT_NAME
+    from peftlab.training.checkpoint import latest_checkpoint
+
+    if run.result_path.exists():
+        _check_same(run, run.result_path, _read_json(run.result_path).get("run_info", {}).get("config"))
+        return "done"
+    if run.kind == LEAD_3:
+        return "new"
+    if (run.run_dir / RESULT_NAME).exists():
+        path = run.run_dir / RESULT_NAME
+        _check_same(run, path, _read_json(path).get("run_info", {}).get("config"))
+        return "finished"
+    if latest_checkpoint(run.run_dir) is not None:
+        _check_same(run, run.run_dir / "config.json", _read_json(run.run_dir / "config.json"))
+        return "resume"
+    return "new"
+
+
+# ---------------------------------------------------------------------------------------------------- running
+
+
+def lead3_result(zero_shot: dict[str, Any], command: str = "") -> dict[str, Any]:
+    """The lead-3 baseline as its own result, from the zero-shot run that scored it on the same examples.
+
+    Its ``run_info`` is the zero-shot run's (config, machine, versions), with its own command and a
+    ``derived_from`` note, so that readers that de-duplicate copies of one run keep both.
+    """
+    from peftlab.lab.results import SCHEMA_VERSION
+
+    metrics = {split: {**values["baselines"][LEAD_3], "n_examples": values.get("n_examples")}
+               for split, values in zero_shot.get("metrics", {}).items() if LEAD_3 in values.get("baselines", {})}
+    if not metrics:
+        raise ValueError("the zero-shot result holds no lead-3 baseline (only summarization computes one)")
+    train_info = {"method": {"name": LEAD_3}, "trainable_params": 0, "total_params": 0, "trainable_percent": 0.0}
+    run_info = {**zero_shot["run_info"], "command": command, "derived_from": zero_shot.get("grid", {}).get("stem")}
+    return {"schema_version": SCHEMA_VERSION, "kind": "baseline", "run_info": run_info,
+            "train_info": train_info, "metrics": metrics, "samples": {}}
+
+
+def _execute(run: PlannedRun, status: Status, done: dict[str, dict[str, Any]], command: str,
+             on_step: Callable[[Any], None] | None) -> dict[str, Any]:
+    import dataclasses
+
+    from peftlab.lab.experiment import RESULT_NAME, eval_run, load_result, train_run
+
+    if run.kind == LEAD_3:
+        zero_shot = next(r for r in done.values() if r.get("grid", {}).get("method") == ZERO_SHOT)
+        return lead3_result(zero_shot, command=f"{command} ({run.stem})")
+    if status == "finished":
+        return load_result(run.run_dir / RESULT_NAME)
+    if run.kind == ZERO_SHOT:
+        return eval_run(run.cfg, command=f"{command} ({run.stem})")
+    cfg = dataclasses.replace(run.cfg, resume=status == "resume")
+    return train_run(cfg, command=f"{command} ({run.stem})", on_step=on_step)
+
+
+def _grid_record(run: PlannedRun, result: dict[str, Any]) -> dict[str, Any]:
+    record = dict(run.grid)
+    if record["n_train"] is None:  # "all": record how many there were (reports read N as a number)
+        record["n_train"] = result.get("train_info", {}).get("train_examples")
+        record["n_train_requested"] = "all"
+    return record
+
+
+def _fmt_duration(seconds: float) -> str:
+    if 0 < seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+
+
+def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: Callable[[Any], None] | None = None,
+             log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run (or skip, record, resume) every planned run in order; returns every result, grid record included.
+
+    Every run's status is decided before the first one starts, so a settings mismatch fails before any work.
+    Under ``torchrun``/``accelerate launch`` every rank walks the same grid, but only rank 0 evaluates baselines,
+    writes files and returns results; the other ranks join each training run and return ``[]``.
+
+    Args:
+        runs: from :func:`plan`.
+        command: the command line, recorded in each result's ``run_info.command``.
+        on_step: passed to :func:`~peftlab.lab.experiment.train_run` (tests interrupt a run with it).
+        log: where progress lines go.
+    """
+    from peftlab.training.checkpoint import atomic_write_json
+    from peftlab.training.distributed import is_main
+
+    statuses = [run_status(r) for r in runs]
+    if not is_main():
+        for run, status in zip(runs, statuses, strict=True):
+            if run.kind == "train" and status in ("new", "resume"):
+                _execute(run, status, {}, command, on_step)
+        return []
+    counts = {s: statuses.count(s) for s in ("done", "finished", "resume", "new")}
+    log(f"[compare] {len(runs)} runs: {counts['done']} done earlier, {counts['resume']} to resume, "
+        f"{counts['new'] + counts['finished']} to run -> {runs[0].result_path.parent}/")
+    left = sum(1 for r, s in zip(runs, statuses, strict=True) if s in ("new", "resume") and r.kind != LEAD_3)
+    seconds_per_run: list[float] = []
+    done: dict[str, dict[str, Any]] = {}
+    for k, (run, status) in enumerate(zip(runs, statuses, strict=True), 1):
+        tag = f"[{k}/{len(runs)}] {run.stem}"
+        if status == "done":
+            done[run.stem] = _read_json(run.result_path)
+            log(f"{tag} done earlier, skipped")
+            continue
+        log(f"{tag} ..." + {"resume": " (resuming from its checkpoint)", "finished": " (recording the finished run)"}
+            .get(status, ""))
+        t0 = time.perf_counter()
+        result = _execute(run, status, done, command, on_step)
+        result = {**result, "grid": _grid_record(run, result)}
+        atomic_write_json(run.result_path, result)
+        done[run.stem] = result
+        seconds = time.perf_counter() - t0
+        if status in ("new", "resume") and run.kind != LEAD_3:
+            seconds_per_run.append(seconds)
+            left -= 1
+        eta = statistics.mean(seconds_per_run) * left if seconds_per_run else 0.0
+        log(f"{tag} done in {seconds:.0f}s, ETA {_fmt_duration(eta)}")
+        used = result.get("train_info", {}).get("train_examples")
+        if run.kind == "train" and run.grid["n_train"] is not None and used is not None and used < run.grid["n_train"]:
+            log(f"{tag}: note: N={run.grid['n_train']} asked for, but the training split has only {used} examples")
+    return [done[r.stem] for r in runs]
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+def summary_table(results: list[dict[str, Any]], split: str = "test") -> str:
+    """One row per (method, variant, N): each metric's mean (± sample sd over seeds), trainable params, time."""
+    from peftlab.lab.table import METRIC_ORDER
+
+    groups: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
+    for r in results:
+        g = r["grid"]
+        groups.setdefault((g["method"], g["variant"], g["n_train"]), []).append(r)
+    metrics = [m for m in METRIC_ORDER if any(m in r.get("metrics", {}).get(split, {}) for r in results)]
+    header = ["method", "variant", "N", "seeds", *metrics, "trainable", "train s"]
+    rows = [header]
+    for (method, variant, n), members in groups.items():
+        row = [method, variant, str(n), str(len(members))]
+        for m in metrics:
+            values = [r["metrics"][split][m] for r in members if m in r.get("metrics", {}).get(split, {})]
+            sd = f"±{statistics.stdev(values):.2f}" if len(values) > 1 else ""
+            row.append(f"{statistics.mean(values):.2f}{sd}" if values else "-")
+        info = members[0].get("train_info", {})
+        row.append(f"{info.get('trainable_params', 0):,}")
+        times = [r["train_info"]["train_seconds"] for r in members if "train_seconds" in r.get("train_info", {})]
+        row.append(f"{statistics.mean(times):.0f}" if times else "-")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def describe_plan(runs: list[PlannedRun]) -> str:
+    """One line per run: its number, stem, what an invocation would do with it, and its method options."""
+    action = {"done": "skip (done)", "finished": "record (finished)", "resume": "resume", "new": "run"}
+    lines = []
+    for k, run in enumerate(runs, 1):
+        options = "" if run.kind != "train" else f"  {run.cfg.method.name} {json.dumps(run.cfg.method.options)}"
+        lines.append(f"[{k}/{len(runs)}] {run.stem:<48} {action[run_status(run)]:<18}{options}".rstrip())
+    return "\n".join(lines)
+
+
+def compare(grid_path: str | Path, overrides: list[str] | None = None, dry_run: bool = False,
+            command: str = "peftlab compare") -> list[dict[str, Any]]:
+    """Load, plan and run a grid; prints progress and a summary table. Returns the results (none on a dry run)."""
+    spec = load_grid(grid_path, overrides)
+    runs = plan(spec)
+    check_models(runs)
+    if dry_run:
+        print(describe_plan(runs))
+        return []
+    results = run_grid(runs, command=command)
+    if not results:  # a helper rank of a multi-process launch
+        return results
+    root = Path(spec.results) / spec.name
+    print(f"\n{spec.name}: {runs[0].cfg.task.name}, {runs[0].cfg.model.name} (test split)\n")
+    print(summary_table(results))
+    print(f"\nresults: {root}/   report: peftlab report {spec.results}")
+    return results
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    """The ``peftlab compare`` handler; an interrupt exits 130 with a hint (finished runs are kept)."""
+    command = "peftlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        compare(ns.grid, ns.overrides, ns.dry_run, command=command)
+    except KeyboardInterrupt:
+        print("\npeftlab: interrupted; finished runs are kept and the interrupted run resumes from its last "
+              "checkpoint: run the same command again", file=sys.stderr)
+        return 130
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``compare`` to the ``peftlab`` command's subparsers."""
+    text = "run a grid of methods x variants x seeds x training-set sizes, with baselines, and print a summary"
+    p = subparsers.add_parser("compare", help=text, description=text, epilog=GRID_HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("grid", metavar="GRID.yaml", help="grid file (see configs/compare/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="grid keys or shared-section keys")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and what would be done with each; run none")
+    p.set_defaults(func=cmd_compare)
+    return p
