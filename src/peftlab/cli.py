@@ -5,6 +5,9 @@
     peftlab methods                                 list methods with their options, defaults and help
     peftlab methods --budget 0.1% [model=...]       size every method to a trainable-parameter budget
     peftlab compare GRID.yaml [key=value ...]       run a grid (methods x variants x N x seeds) with baselines
+    peftlab export --adapter DIR --to peft OUT      write an adapter in Hugging Face PEFT's format
+    peftlab import PEFT_DIR OUT                     convert a PEFT adapter (LoRA, IA3, prompt/prefix tuning)
+    peftlab merge --adapter DIR OUT                 a plain HF model folder with LoRA / IA3 folded in
     peftlab demo  [key=value ...]                   compare methods on the built-in demo data and print a table
 """
 
@@ -118,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     from peftlab.lab.compare import add_parser as add_compare_parser
 
     add_compare_parser(sub)
+    from peftlab.interop.commands import add_parsers as add_interop_parsers
+
+    add_interop_parsers(sub)
     p = sub.add_parser("methods", help="list methods with options, defaults and help; --budget sizes them",
                        description="List every registered method with its options, defaults and help.")
     from peftlab.methods.budget import add_budget_argument

@@ -9,6 +9,10 @@ Folder layout::
 
 Loading checks the base model's architecture fingerprint against the one recorded, and refuses a mismatch with a
 message naming each differing field, before any weight is touched.
+
+A Hugging Face PEFT adapter folder (``adapter_config.json`` with a ``peft_type`` + ``adapter_model.safetensors``)
+is read too: :func:`read_adapter_config` and :func:`load_adapter` convert it in memory (LoRA, IA3, prompt and
+prefix tuning; see :mod:`peftlab.interop.import_peft`), checking tensor shapes instead of a fingerprint.
 """
 
 from __future__ import annotations
@@ -78,6 +82,10 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     """The adapter's JSON config; a missing or foreign folder raises ``FileNotFoundError``/``ValueError``."""
     folder = Path(folder)
     path = folder / CONFIG_NAME
+    if _is_peft_folder(folder):
+        from peftlab.interop.import_peft import peft_adapter_config  # interop builds on this module: import late
+
+        return peft_adapter_config(folder)
     if not path.exists():
         raise FileNotFoundError(f"{folder}: no {CONFIG_NAME} here; expected a folder written by peftlab train "
                                 f"(<out>/adapter)")
@@ -85,6 +93,12 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     if config.get("format") != FORMAT:
         raise ValueError(f"{path}: not a peftlab adapter (format={config.get('format')!r})")
     return config
+
+
+def _is_peft_folder(folder: Path) -> bool:
+    from peftlab.interop.peft_format import is_peft_folder  # interop builds on this module: import late
+
+    return is_peft_folder(folder)
 
 
 def check_base(config: dict[str, Any], model: nn.Module, folder: str | Path) -> None:
@@ -99,8 +113,15 @@ def check_base(config: dict[str, Any], model: nn.Module, folder: str | Path) -> 
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> tuple[PeftMethod, dict[str, Any]]:
-    """Apply the saved method to ``model`` (checked against the recorded base) and load its weights."""
+    """Apply the saved method to ``model`` (checked against the recorded base) and load its weights.
+
+    A PEFT adapter folder is converted in memory; its tensor shapes are checked against ``model`` instead.
+    """
     folder = Path(folder)
+    if _is_peft_folder(folder):
+        from peftlab.interop.import_peft import load_peft_adapter  # interop builds on this module: import late
+
+        return load_peft_adapter(model, folder)
     config = read_adapter_config(folder)
     check_base(config, model, folder)
     spec = get_method(config["method"])

@@ -1,0 +1,180 @@
+"""What peftlab knows about Hugging Face PEFT's adapter folder (peft 0.21), shared by export, import and merge.
+
+A PEFT adapter folder (``PeftModel.save_pretrained``)::
+
+    adapter_config.json           {"peft_type": "LORA" | "IA3" | "PROMPT_TUNING" | "PREFIX_TUNING", ...options}
+    adapter_model.safetensors     keys "base_model.model.<module>.lora_A.weight", ... (layer methods) or
+                                  "prompt_embeddings" (prompt learning); no adapter name in the keys
+
+Our adapter folder (:mod:`peftlab.methods.io`) differs only in the file names, in the keys (no
+``base_model.model.`` prefix) and in its config. PEFT is not imported here: it is a test-only dependency, so the
+JSON is written and read by hand, key by key as peft 0.21.2 writes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PICKLE_NAME = "adapter_model.bin"
+# PEFT prefixes the keys of layer methods with the PeftModel -> LoraModel -> base model path.
+PEFT_KEY_PREFIX = "base_model.model."
+# Safetensors metadata key under which an export records the peftlab adapter it came from (PEFT ignores metadata).
+EXPORT_METADATA_KEY = "peftlab_export"
+PEFT_FORMAT = "peft"  # the "format" of the config dict that read_adapter_config returns for a PEFT folder
+
+# peftlab method name <-> PEFT's peft_type, for the four methods both libraries have.
+PEFT_TYPES: dict[str, str] = {
+    "lora": "LORA",
+    "ia3": "IA3",
+    "prompt-tuning": "PROMPT_TUNING",
+    "prefix-tuning": "PREFIX_TUNING",
+}
+METHODS_BY_PEFT_TYPE: dict[str, str] = {v: k for k, v in PEFT_TYPES.items()}
+
+
+class PeftFormatError(ValueError):
+    """A PEFT folder or option that peftlab cannot convert; the message names the file and key."""
+
+
+class OutputExistsError(FileExistsError, ValueError):
+    """The output folder exists and is not empty (a ValueError too, so the CLI reports it as a usage error)."""
+
+
+def is_peft_folder(folder: str | Path) -> bool:
+    """True when ``folder`` holds a PEFT ``adapter_config.json`` (one with a ``peft_type``)."""
+    path = Path(folder) / PEFT_CONFIG_NAME
+    if not path.is_file():
+        return False
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "peft_type" in config and "format" not in config
+
+
+def read_peft_config(folder: str | Path) -> dict[str, Any]:
+    """PEFT's ``adapter_config.json`` as a dict.
+
+    Raises:
+        PeftFormatError: the file is not JSON or has no ``peft_type``.
+    """
+    path = Path(folder) / PEFT_CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise PeftFormatError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise PeftFormatError(f"{path}: not a PEFT adapter config (no 'peft_type' key)")
+    return config
+
+
+def read_peft_weights(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The adapter tensors with PEFT's ``base_model.model.`` prefix removed, and the file's metadata.
+
+    Raises:
+        PeftFormatError: only the pickled ``adapter_model.bin`` is there (peftlab never unpickles), or nothing is.
+    """
+    folder = Path(folder)
+    path = folder / PEFT_WEIGHTS_NAME
+    if not path.is_file():
+        if (folder / PEFT_PICKLE_NAME).is_file():
+            raise PeftFormatError(
+                f"{folder}: holds {PEFT_PICKLE_NAME} (a pickle) but no {PEFT_WEIGHTS_NAME}; peftlab reads safetensors "
+                f"only: re-save it with PEFT's save_pretrained(..., safe_serialization=True)")
+        raise PeftFormatError(f"{folder}: no {PEFT_WEIGHTS_NAME} next to {PEFT_CONFIG_NAME}")
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        for key in handle.keys():  # noqa: SIM118  (safe_open handles are not mappings)
+            state[key.removeprefix(PEFT_KEY_PREFIX)] = handle.get_tensor(key)
+    return state, metadata
+
+
+def peft_list_match(module: str, item: str) -> bool:
+    """PEFT's (and peftlab's) rule for one item of a ``target_modules`` list: the name or a dotted suffix of it."""
+    return module == item or module.endswith("." + item)
+
+
+def peft_suffix_match(module: str, item: str) -> bool:
+    """PEFT's rule for an item of IA3's ``feedforward_modules`` list: a plain string suffix (no dot needed)."""
+    return module.endswith(item)
+
+
+def minimal_names(chosen: list[str], universe: Iterable[str], matches: Callable[[str, str], bool]) -> list[str]:
+    """Short names that select exactly ``chosen`` among ``universe`` under ``matches``.
+
+    For each chosen module the shortest dotted suffix (``q_proj``, then ``self_attn.q_proj``, ... up to the full
+    path) that matches no module outside ``chosen``; so GPT-2's ``mlp.c_proj`` stays ``mlp.c_proj`` when
+    ``attn.c_proj`` is not chosen.
+
+    Args:
+        chosen: module paths, in the order the names should follow.
+        universe: every module path a name could match.
+        matches: ``matches(module, name)`` is the selection rule (:func:`peft_list_match` or
+            :func:`peft_suffix_match`).
+
+    Returns:
+        Distinct names, in the order of ``chosen``.
+    """
+    wanted = set(chosen)
+    others = [m for m in universe if m not in wanted]
+    names: list[str] = []
+    for module in chosen:
+        parts = module.split(".")
+        name = module
+        for k in range(1, len(parts) + 1):
+            candidate = ".".join(parts[-k:])
+            if not any(matches(other, candidate) for other in others):
+                name = candidate
+                break
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def ensure_free(out: str | Path) -> Path:
+    """``out`` as a Path, refusing an existing non-empty folder (or a file) so that nothing is overwritten.
+
+    Raises:
+        OutputExistsError: ``out`` is a file or a non-empty folder.
+    """
+    out = Path(out)
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        raise OutputExistsError(f"{out} already exists and is not empty; choose another output folder "
+                              f"(peftlab never overwrites one)")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder of ``out``; on success it is renamed to ``out``, on error removed.
+
+    A crash therefore never leaves a half-written ``out``. An existing empty ``out`` is replaced.
+
+    Raises:
+        OutputExistsError: ``out`` exists and is not empty (checked before and again at the rename).
+    """
+    out = ensure_free(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes a private folder; the result is an ordinary one
+        ensure_free(out)
+        if out.is_dir():
+            out.rmdir()  # empty (checked): a folder cannot be renamed onto an existing one
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left after a successful rename
