@@ -89,7 +89,9 @@ def test_cli_train_and_errors(tiny_llama_dir, tmp_path, capsys):
     assert "method.r" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "demo", "methods", "compare", "export", "import", "merge"])
+@pytest.mark.parametrize(
+    "command", ["train", "eval", "demo", "methods", "compare", "export", "import", "merge", "analyze", "report"]
+)
 def test_help_on_every_command(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -8,6 +8,8 @@
     peftlab export --adapter DIR --to peft OUT      write an adapter in Hugging Face PEFT's format
     peftlab import PEFT_DIR OUT                     convert a PEFT adapter (LoRA, IA3, prompt/prefix tuning)
     peftlab merge --adapter DIR OUT                 a plain HF model folder with LoRA / IA3 folded in
+    peftlab report RESULTS_DIR                      report.md + self-contained report.html with plots
+    peftlab analyze {subspace,amplification,prompt-tokens,intrinsic-dim} ...   LoRA/prompt analyses, d90 sweep
     peftlab demo  [key=value ...]                   compare methods on the built-in demo data and print a table
 """
 
@@ -18,25 +20,13 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from peftlab.config import ConfigError, RunConfig, describe_fields, load_config
+from peftlab.config import ConfigError, RunConfig, describe_fields, load_config, split_args
 
 OVERRIDE_HELP = """overrides are dotted keys, e.g.:
   task=summarization data=../shared/data/cnn_dailymail method=lora method.r=16 train.max_steps=200 out=runs/x
 sections: model.*, task.*, data.*, method.*, train.*, eval.*; top level: out, resume, adapter.
 `peftlab train --help-config` lists every key with its default and help."""
 
-
-def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
-    """The optional YAML file (first argument without '=') and the overrides."""
-    yaml_path, overrides = None, []
-    for arg in args:
-        if "=" not in arg and yaml_path is None and arg.endswith((".yaml", ".yml")):
-            yaml_path = arg
-        elif "=" in arg:
-            overrides.append(arg)
-        else:
-            raise ConfigError(f"unexpected argument {arg!r}: give a .yaml config file and/or key=value overrides")
-    return yaml_path, overrides
 
 
 def config_help() -> str:
@@ -57,7 +47,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     from peftlab.lab.experiment import train_run
     from peftlab.lab.table import format_table
 
-    cfg = load_config(*_split_args(ns.args))
+    cfg = load_config(*split_args(ns.args))
     result = train_run(cfg, command=_command_line())
     print(format_table([result]))
     print(f"\nresult: {cfg.out}/result.json   adapter: {cfg.out}/adapter")
@@ -68,7 +58,7 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     from peftlab.lab.experiment import eval_run
     from peftlab.lab.table import format_table
 
-    cfg = load_config(*_split_args(ns.args))
+    cfg = load_config(*split_args(ns.args))
     result = eval_run(cfg, command=_command_line())
     print(format_table([result]))
     print(f"\nresult: {cfg.out}/result.json")
@@ -96,7 +86,7 @@ def _cmd_methods(ns: argparse.Namespace) -> int:
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from peftlab.lab.demo import run_demo
 
-    _, overrides = _split_args(ns.args)
+    _, overrides = split_args(ns.args)
     run_demo(overrides)
     return 0
 
@@ -124,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     from peftlab.interop.commands import add_parsers as add_interop_parsers
 
     add_interop_parsers(sub)
+    from peftlab.analysis.commands import add_parser as add_analyze_parser
+
+    add_analyze_parser(sub)
+    from peftlab.lab.report import add_parser as add_report_parser
+
+    add_report_parser(sub)
     p = sub.add_parser("methods", help="list methods with options, defaults and help; --budget sizes them",
                        description="List every registered method with its options, defaults and help.")
     from peftlab.methods.budget import add_budget_argument

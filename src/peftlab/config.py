@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,19 @@ def parse_override(text: str) -> tuple[str, Any]:
         except ValueError:
             pass
     return key, value
+
+
+def split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Command-line arguments -> the optional YAML file (the first ``*.yaml``) and the key=value overrides."""
+    yaml_path, overrides = None, []
+    for arg in args:
+        if "=" in arg:
+            overrides.append(arg)
+        elif yaml_path is None and arg.endswith((".yaml", ".yml")):
+            yaml_path = arg
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: give a .yaml config file and/or key=value overrides")
+    return yaml_path, overrides
 
 
 def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -287,7 +287,7 @@ def format_budget_table(table: BudgetTable) -> str:
 def add_budget_argument(parser: argparse.ArgumentParser) -> None:
     """Add ``--budget`` and the ``key=value`` arguments it takes to ``peftlab methods``'s parser."""
     parser.add_argument("--budget", default=None, metavar="BUDGET",
-                        help=f"size every method to this many trainable parameters: {BUDGET_FORMS}")
+                        help="size every method to this many trainable parameters: " + BUDGET_FORMS.replace("%", "%%"))
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="with --budget: model=NAME (default smollm2-135m), method=NAME or method=[a,b] "
                              "(only those), method.<option>=value (e.g. method.target_modules=[q,v])")
