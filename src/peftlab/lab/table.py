@@ -8,7 +8,7 @@ from typing import Any
 METRIC_ORDER = ("bleu", "rougeL", "rouge1", "rouge2", "rougeLsum", "accuracy", "macro_f1")
 
 
-def _fmt_bytes(n: float | None) -> str:
+def format_bytes(n: float | None) -> str:
     if n is None:
         return "-"
     for unit in ("B", "KB", "MB", "GB"):
@@ -18,7 +18,7 @@ def _fmt_bytes(n: float | None) -> str:
     return f"{n:.1f}GB"
 
 
-def _fmt_count(n: int) -> str:
+def format_count(n: int) -> str:
     if n >= 1e6:
         return f"{n / 1e6:.2f}M"
     if n >= 1e3:
@@ -34,10 +34,10 @@ def result_row(result: dict[str, Any], split: str = "test") -> dict[str, str]:
     for key in METRIC_ORDER:
         if key in metrics:
             row[key] = f"{metrics[key]:.2f}"
-    row["trainable"] = f"{_fmt_count(info.get('trainable_params', 0))} ({info.get('trainable_percent', 0):.3f}%)"
+    row["trainable"] = f"{format_count(info.get('trainable_params', 0))} ({info.get('trainable_percent', 0):.3f}%)"
     row["train time"] = f"{info['train_seconds']:.0f}s" if "train_seconds" in info else "-"
     row["tok/s"] = f"{info['train_tokens_per_s']:.0f}" if "train_tokens_per_s" in info else "-"
-    row["peak mem"] = _fmt_bytes(info.get("peak_memory_bytes"))
+    row["peak mem"] = format_bytes(info.get("peak_memory_bytes"))
     row["n"] = str(metrics.get("n_examples", "-"))
     return row
 
