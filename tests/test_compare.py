@@ -17,7 +17,9 @@ from peftlab.lab.compare import add_parser, compare, plan, run_grid
 from peftlab.lab.compare_grid import expand_grid, load_grid, parse_grid, run_stem, variant_label
 from peftlab.training.trainer import Interrupt
 
-GRIDS = sorted((Path(__file__).resolve().parents[1] / "configs" / "compare").glob("*.yaml"))
+from peftlab.lab.demo import DEMO_GRID
+
+GRIDS = sorted((Path(__file__).resolve().parents[1] / "configs" / "compare").glob("*.yaml")) + [DEMO_GRID]
 FAST = {"data": {"path": "demo", "max_validation": 4, "max_test": 4},
         "train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "eval_examples": 0},
         "eval": {"max_new_tokens": 6, "show_examples": 1}}
@@ -76,7 +78,7 @@ def test_grid_expands_methods_variants_sizes_and_seeds(tmp_path):
 @pytest.mark.parametrize("path", GRIDS, ids=[p.name for p in GRIDS])
 def test_shipped_grids_load_and_expand(path):
     runs = expand_grid(load_grid(path))
-    expected = {"demo.yaml": 1 + 3 * 2, "imdb.yaml": 1 + 6 * 2 * 2, "cnndm.yaml": 2 + 3 * 2}
+    expected = {"demo_grid.yaml": 1 + 3 * 2, "imdb.yaml": 1 + 6 * 2 * 2, "cnndm.yaml": 2 + 3 * 2}
     assert len(runs) == expected[path.name]
     assert len({r.stem for r in runs}) == len(runs)
     if path.name == "cnndm.yaml":
@@ -88,7 +90,7 @@ def test_shipped_grids_load_and_expand(path):
 
 
 def test_shipped_grids_are_there():
-    assert {p.name for p in GRIDS} >= {"demo.yaml", "imdb.yaml", "cnndm.yaml"}
+    assert {p.name for p in GRIDS} >= {"demo_grid.yaml", "imdb.yaml", "cnndm.yaml"}
 
 
 @pytest.mark.parametrize("keys, overrides, fragments", [
@@ -276,3 +278,15 @@ def test_helper_ranks_only_join_training_runs(tmp_path, monkeypatch):
     assert run_grid(runs) == []
     assert [Path(c.out).name for c in calls] == ["lora--default--n8--seed0"] and calls[0].resume is False
     assert not (tmp_path / "results").exists()
+
+
+def test_demo_runs_the_packaged_grid_and_writes_the_report(tiny_llama_dir, tmp_path, capsys):
+    from peftlab.lab.demo import run_demo
+
+    overrides = [f"model={tiny_llama_dir}", f"results={tmp_path / 'res'}", "n_train=[8]", "train.max_steps=2",
+                 "train.batch_size=4", "data.max_test=3", "data.max_validation=2", "eval.max_new_tokens=4"]
+    runs, html = run_demo(overrides)
+    assert sorted(r["grid"]["method"] for r in runs) == ["last-layer", "lora", "prompt-tuning", "zero-shot"]
+    assert html == tmp_path / "res" / "report.html" and html.stat().st_size > 10_000
+    assert len(list((tmp_path / "res" / "demo").glob("lora--*--n8--seed0.json"))) == 1
+    assert "report:" in capsys.readouterr().out

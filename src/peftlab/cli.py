@@ -10,7 +10,7 @@
     peftlab merge --adapter DIR OUT                 a plain HF model folder with LoRA / IA3 folded in
     peftlab report RESULTS_DIR                      report.md + self-contained report.html with plots
     peftlab analyze {subspace,amplification,prompt-tokens,intrinsic-dim} ...   LoRA/prompt analyses, d90 sweep
-    peftlab demo  [key=value ...]                   compare methods on the built-in demo data and print a table
+    peftlab demo  [key=value ...]                   the built-in comparison on generated data: compare + report
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (
         ("train", _cmd_train, "train a method on a task, evaluate it, save the adapter and result.json"),
         ("eval", _cmd_eval, "evaluate the base model zero-shot, or a saved adapter (adapter=DIR)"),
-        ("demo", _cmd_demo, "train several methods on the built-in demo data and print a comparison table"),
+        ("demo", _cmd_demo, "run the built-in comparison grid (generated data, SmolLM2-135M) and write its report"),
     ):
         p = sub.add_parser(name, help=text, description=text, epilog=OVERRIDE_HELP + "\n\nkeys:\n" + config_help(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -53,7 +53,7 @@ and the grid keys:
 
 Overrides: grid keys (seeds=[0] n_train=[50]) replace the file's value; section keys (train.max_steps=20) set the
 shared sections (a method's own options/overrides/variants still win). Example:
-  peftlab compare configs/compare/demo.yaml train.max_steps=10 seeds=[0]"""
+  peftlab compare configs/compare/imdb.yaml train.max_steps=10 seeds=[0]"""
 
 Status = str  # "done" (result file exists) | "finished" (run folder holds result.json) | "resume" | "new"
 
