@@ -15,9 +15,8 @@ from peftlab.lab import compare as compare_mod
 from peftlab.lab import experiment
 from peftlab.lab.compare import add_parser, compare, plan, run_grid
 from peftlab.lab.compare_grid import expand_grid, load_grid, parse_grid, run_stem, variant_label
-from peftlab.training.trainer import Interrupt
-
 from peftlab.lab.demo import DEMO_GRID
+from peftlab.training.trainer import Interrupt
 
 GRIDS = sorted((Path(__file__).resolve().parents[1] / "configs" / "compare").glob("*.yaml")) + [DEMO_GRID]
 FAST = {"data": {"path": "demo", "max_validation": 4, "max_test": 4},
