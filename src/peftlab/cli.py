@@ -49,6 +49,8 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
     cfg = load_config(*split_args(ns.args))
     result = train_run(cfg, command=_command_line())
+    if not result:  # a helper rank of a multi-process launch: rank 0 reports
+        return 0
     print(format_table([result]))
     print(f"\nresult: {cfg.out}/result.json   adapter: {cfg.out}/adapter")
     return 0
@@ -60,6 +62,8 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
 
     cfg = load_config(*split_args(ns.args))
     result = eval_run(cfg, command=_command_line())
+    if not result:
+        return 0
     print(format_table([result]))
     print(f"\nresult: {cfg.out}/result.json")
     return 0

@@ -115,7 +115,7 @@ class TrainConfig:
     warmup_ratio: float = opt(0.0, "warmup as a fraction of all optimizer steps")
     epochs: float = opt(1.0, "passes over the training set (ignored when max_steps is set)")
     max_steps: int | None = opt(None, "optimizer steps; default: from epochs")
-    batch_size: int = opt(8, "examples per micro-batch")
+    batch_size: int = opt(8, "examples per micro-batch, over all processes (torchrun splits each across ranks)")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     max_grad_norm: float | None = opt(1.0, "gradient clipping norm; null: no clipping")
     bf16: bool = opt(False, "bfloat16 autocast for the forward/backward (CPU and GPU)")

@@ -3,6 +3,10 @@ and ``eval_run`` (the base model zero-shot, or a saved adapter, evaluated on the
 
 Nothing already written is overwritten: a run folder that holds a result or a checkpoint is refused unless
 ``resume=true`` (which continues the interrupted run it holds).
+
+``train_run`` also runs under ``torchrun`` / ``accelerate launch`` (see :mod:`peftlab.training.distributed`): every
+rank trains its share of each batch; rank 0 alone writes files and evaluates, the other ranks return ``{}``.
+``eval_run`` under a launcher runs on rank 0 only.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from peftlab.models.arch import arch_fingerprint, input_embeddings, output_head
 from peftlab.models.loading import load_model_and_tokenizer
 from peftlab.tasks import Example, Task, get_task
 from peftlab.training.checkpoint import atomic_write_json, latest_checkpoint
+from peftlab.training.distributed import DistContext, init_distributed, is_main
 from peftlab.training.trainer import Trainer, TrainState
 
 RESULT_NAME = "result.json"
@@ -81,9 +86,12 @@ def _fill_tokenizer_options(options: dict[str, Any], tokenizer) -> dict[str, Any
     return options
 
 
-def build(cfg: RunConfig, adapter: str | Path | None = None) -> Setup:
-    """Load the model and tokenizer, then apply the configured method (or load ``adapter``)."""
-    device = resolve_device(cfg.train.device)
+def build(cfg: RunConfig, adapter: str | Path | None = None, device: torch.device | None = None) -> Setup:
+    """Load the model and tokenizer, then apply the configured method (or load ``adapter``).
+
+    ``device`` overrides ``cfg.train.device`` (a rank of a multi-process run passes its own).
+    """
+    device = device or resolve_device(cfg.train.device)
     set_seed(cfg.train.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device)
     fingerprint = arch_fingerprint(model)
@@ -114,7 +122,7 @@ def _load_split(setup: Setup, which: str, limit: int | None, sample_seed: int | 
     data = setup.cfg.data
     split = {"train": data.train_split, "validation": data.validation_split, "test": data.test_split}.get(which, which)
     examples, stats = load_examples(data, setup.task, split, limit=limit, sample_seed=sample_seed)
-    if stats.get("skipped_empty_target"):
+    if stats.get("skipped_empty_target") and is_main():
         print(f"[data] {split}: skipped {stats['skipped_empty_target']} example(s) with an empty target "
               f"(data.strict=true makes this an error)", file=sys.stderr)
     return examples
@@ -161,28 +169,57 @@ def _param_info(setup: Setup) -> dict[str, Any]:
 
 
 def train_run(cfg: RunConfig, command: str = "", on_step: Callable[[TrainState], None] | None = None) -> dict:
-    """Train ``cfg.method`` on ``cfg.task``/``cfg.data``, save the adapter, evaluate, and write ``result.json``."""
+    """Train ``cfg.method`` on ``cfg.task``/``cfg.data``, save the adapter, evaluate, and write ``result.json``.
+
+    Under ``torchrun``/``accelerate launch`` every rank trains its share of each (global) batch; rank 0 then saves,
+    evaluates and returns the result, while the other ranks return ``{}`` as soon as training is done.
+    """
     started, commit = time.time(), results.git_commit()  # the code that runs is the code at the start
+    ctx = init_distributed(cfg.train.device)
     out = Path(cfg.out)
     _check_out_dir(out, cfg.resume)
-    setup = build(cfg)
+    setup = build(cfg, device=ctx.device)
     train = _load_split(setup, "train", cfg.data.max_train, sample_seed=cfg.data.seed)
     setup.task.fit_labels(train)
     val = _load_split(setup, "validation", cfg.data.max_validation)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", cfg.to_dict())
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", cfg.to_dict())
     metric_val = val[: cfg.train.eval_examples]
 
     def validation_metrics() -> dict[str, float]:
         return setup.task.evaluate(setup.predictor(), metric_val, cfg.eval.max_new_tokens).metrics
 
     lr = cfg.train.lr or get_method(cfg.method.name).default_lr
-    trainer = Trainer(setup.method, setup.encoder.encode_many(train), setup.encoder.encode_many(val), cfg.train, out,
-                      setup.tokenizer.pad_token_id, lr, validation_metrics if metric_val else None, setup.device,
-                      on_step, setup.autocast)
-    if cfg.resume and trainer.resume():
+    trainer = Trainer(setup.method, setup.encoder.encode_many(train), setup.encoder.encode_many(val), cfg.train,
+                      out, setup.tokenizer.pad_token_id, lr, validation_metrics if metric_val else None,
+                      setup.device, on_step, setup.autocast, dist=ctx)
+    if cfg.resume and trainer.resume() and ctx.is_main:
         print(f"[train] resumed from step {trainer.state.step} of {trainer.total_steps}", file=sys.stderr)
     state = trainer.fit()
+    epochs = state.epoch + state.batch_in_epoch / max(trainer.batches_per_epoch, 1)
+    if trainer.sharded:  # FSDP shards: gather whole weights (all ranks), then rank 0 continues on a plain model
+        weights = trainer.full_weights()
+        del trainer
+        if ctx.is_main:
+            setup = _unsharded(setup, cfg, weights, ctx)
+    if not ctx.is_main:
+        return {}
+    info = {"lr": lr, "steps": state.step, "epochs_completed": epochs, "train_examples": len(train),
+            "world_size": ctx.world_size}
+    return _finish_train(cfg, setup, state, info, out, command, started, commit)
+
+
+def _unsharded(setup: Setup, cfg: RunConfig, weights: dict[str, torch.Tensor], ctx: DistContext) -> Setup:
+    """``setup`` with a fresh, unsharded copy of the model carrying the trained ``weights`` (rank 0 after FSDP)."""
+    fresh = build(cfg, device=ctx.device).method
+    fresh.load_adapter_state_dict(weights)
+    return dataclasses.replace(setup, method=fresh)
+
+
+def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[str, Any], out: Path, command: str,
+                  started: float, commit: str | None) -> dict:
+    """Save the adapter, evaluate, and write ``result.json`` (rank 0 / the single process)."""
     params = _param_info(setup)  # counted as trained, before after_training() may fold parameters away
     setup.method.after_training()
     adapter_dir = save_adapter(setup.method, cfg.method.name, out / "adapter", cfg.model.name, setup.fingerprint,
@@ -193,10 +230,11 @@ def train_run(cfg: RunConfig, command: str = "", on_step: Callable[[TrainState],
     train_info = {
         "method": {"name": cfg.method.name, **setup.method.describe()},
         **params,
-        "lr": lr,
-        "steps": state.step,
-        "epochs_completed": state.epoch + state.batch_in_epoch / max(trainer.batches_per_epoch, 1),
-        "train_examples": len(train),
+        "lr": info["lr"],
+        "steps": info["steps"],
+        "epochs_completed": info["epochs_completed"],
+        "train_examples": info["train_examples"],
+        "world_size": info["world_size"],
         "train_seconds": state.train_seconds,
         "epoch_seconds": state.epoch_seconds,
         "train_input_tokens": state.input_tokens,
@@ -229,7 +267,12 @@ def _task_record(task_cfg: TaskConfig, task: Task) -> dict[str, Any]:
 
 
 def eval_run(cfg: RunConfig, command: str = "") -> dict:
-    """Evaluate the base model zero-shot (``adapter`` unset) or with a saved adapter; writes ``result.json``."""
+    """Evaluate the base model zero-shot (``adapter`` unset) or with a saved adapter; writes ``result.json``.
+
+    Under a multi-process launcher only rank 0 evaluates; the other ranks return ``{}`` at once.
+    """
+    if not is_main():
+        return {}
     started, commit = time.time(), results.git_commit()  # the code that runs is the code at the start
     out = Path(cfg.out)
     _check_out_dir(out, resume=False)

@@ -5,12 +5,17 @@ the best weights, atomic checkpoints and exact resume.
 Resume is exact on CPU: the batch order is a pure function of (seed, epoch), the position in it is checkpointed, and
 so are the optimizer, scheduler and torch RNG states, so an interrupted run continued with ``resume=true`` ends with
 the same weights as an uninterrupted one.
+
+Under several processes (``torchrun``, ``accelerate launch``; see :mod:`peftlab.training.distributed`) each optimizer
+step's micro-batches are split across ranks, the loss is normalised by the step's global target-token count and
+gradients are summed, so the run trains what the single-process run trains; rank 0 alone writes files.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +28,8 @@ from peftlab.config import TrainConfig
 from peftlab.data.batching import collate, length_bucketed_batches
 from peftlab.data.encode import EncodedExample
 from peftlab.methods.base import PeftMethod
+from peftlab.models.arch import transformer_blocks
+from peftlab.training import distributed as D
 from peftlab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftlab.training.loss import IGNORE_INDEX, target_only_loss
 from peftlab.training.metrics_log import MetricsLog
@@ -68,12 +75,17 @@ class Trainer:
         metric_fn: called at each validation; returns task metrics on a validation subset (may be None).
         device: where batches go.
         on_step: optional callback after each optimizer step (tests use it to interrupt a run).
+        autocast_bf16: bfloat16 autocast for forward/backward (also on when ``cfg.bf16``).
+        dist: this process's place in a multi-process run (None: a single process). With several processes,
+            ``cfg.batch_size`` stays the GLOBAL micro-batch (each rank takes its share of its rows), trainable
+            parameters are broadcast from rank 0, and fully trained transformer blocks are sharded with FSDP.
     """
 
     def __init__(self, method: PeftMethod, train_data: list[EncodedExample], val_data: list[EncodedExample],
                  cfg: TrainConfig, out_dir: str | Path, pad_id: int, lr: float,
                  metric_fn: Callable[[], dict[str, float]] | None = None, device: torch.device | str = "cpu",
-                 on_step: Callable[[TrainState], None] | None = None, autocast_bf16: bool = False) -> None:
+                 on_step: Callable[[TrainState], None] | None = None, autocast_bf16: bool = False,
+                 dist: D.DistContext | None = None) -> None:
         if not train_data:
             raise ValueError("no training examples (check data.path, data.train_split and data.max_train)")
         self.method, self.model = method, method.model
@@ -81,14 +93,25 @@ class Trainer:
         self.out_dir, self.pad_id, self.lr, self.device = Path(out_dir), pad_id, lr, torch.device(device)
         self.metric_fn, self.on_step = metric_fn, on_step
         self.autocast = autocast_bf16 or cfg.bf16
-        self.params = method.trainable_parameters()
-        if not self.params:
+        self.dist = dist or D.DistContext(device=self.device)
+        if self.dist.enabled and cfg.batch_size < self.dist.world_size and self.dist.is_main:
+            warnings.warn(f"train.batch_size={cfg.batch_size} is the global micro-batch, smaller than the "
+                          f"{self.dist.world_size} processes: some ranks only run zero-weight dummies", stacklevel=2)
+        if not method.trainable_parameters():
             raise ValueError("the method has no trainable parameters")
+        # Identical starting weights on every rank, then shard what trains entirely; the optimizer must see the
+        # sharded parameters, so it is built after.
+        self.dist.broadcast_parameters(list(method.trainable_parameters().values()))
+        self.sharded_blocks = (D.shard_trained_blocks(transformer_blocks(self.model), self.dist)
+                               if self.dist.enabled else [])
+        self.params = method.trainable_parameters()
         decay = [p for p in self.params.values() if p.ndim >= 2]
         no_decay = [p for p in self.params.values() if p.ndim < 2]  # biases, norms, IA3-style scale vectors
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
         self.lengths = [len(e.input_ids) for e in train_data]
+        # Position t predicts token t+1: the labelled positions of labels[1:] are the tokens the loss counts.
+        self.target_counts = [sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in train_data]
         self.batches_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
@@ -97,6 +120,11 @@ class Trainer:
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.log = MetricsLog(self.out_dir / "metrics.jsonl")
+
+    @property
+    def sharded(self) -> bool:
+        """True when some parameters are FSDP shards (whole weights then need :meth:`full_weights`)."""
+        return bool(self.sharded_blocks)
 
     # ---- batches -------------------------------------------------------------------------------------------
     def _micro_batches(self) -> Iterator[tuple[int, int, list[int]]]:
@@ -112,6 +140,16 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def _local_batch(self, data: list[EncodedExample], indices: list[int]) -> tuple[dict[str, torch.Tensor], float]:
+        """This rank's rows of one global micro-batch, and their weight (1, or 0 for a dummy).
+
+        A rank whose share is empty (a short last batch with fewer rows than ranks) runs the batch's first row with
+        weight 0: its gradient contribution is zero, but it still takes part in FSDP's collectives.
+        """
+        rows = self.dist.shard(indices)
+        weight = 1.0 if rows else 0.0
+        return self._to_device(collate([data[i] for i in rows or indices[:1]], self.pad_id)), weight
+
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         inputs = self.method.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -120,28 +158,16 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------------------
     def fit(self) -> TrainState:
         """Train to ``total_steps`` (or early stop), then restore the best validated weights."""
-        if self.state.step == 0:
+        if self.state.step == 0 and self.dist.is_main:
             self.log.truncate_after(0)
         stream = self._micro_batches()
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True,
-                   mininterval=1.0)
+                   mininterval=1.0, disable=not self.dist.is_main)
         self.model.train()
         while self.state.step < self.total_steps and not self.state.stopped_early:
             t0 = time.perf_counter()
             micro = [next(stream) for _ in range(self.cfg.grad_accum)]
-            batches = [self._to_device(collate([self.train_data[i] for i in idx], self.pad_id)) for _, _, idx in micro]
-            step_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-            step_loss = 0.0
-            for batch in batches:
-                loss_sum, _ = self._forward_loss(batch)
-                (loss_sum / max(step_targets, 1)).backward()
-                step_loss += float(loss_sum.detach())
-                self.state.input_tokens += int(batch["attention_mask"].sum())
-            if self.cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            step_loss, step_targets = self._train_step([idx for _, _, idx in micro])
             self._advance(micro, time.perf_counter() - t0)
             self.state.target_tokens += step_targets
             self.state.window_loss += step_loss
@@ -161,6 +187,34 @@ class Trainer:
         self.model.eval()
         return self.state
 
+    def _train_step(self, micro: list[list[int]]) -> tuple[float, int]:
+        """One optimizer step over the GLOBAL micro-batches ``micro``; returns (summed loss, target tokens) of the
+        whole step, over all ranks.
+
+        Each rank backpropagates ``loss_sum(its rows) / N`` with N the step's global target-token count (every rank
+        knows every example of the step, so N needs no communication); summing gradients over ranks then gives the
+        single-process gradient ``sum(all token losses) / N`` exactly, up to summation order.
+        """
+        step_targets = sum(self.target_counts[i] for idx in micro for i in idx)
+        self.state.input_tokens += sum(self.lengths[i] for idx in micro for i in idx)
+        local_loss = 0.0
+        for k, indices in enumerate(micro):
+            batch, weight = self._local_batch(self.train_data, indices)
+            D.set_gradient_sync(self.sharded_blocks, k == len(micro) - 1)  # FSDP reduces once, after the last
+            loss_sum, _ = self._forward_loss(batch)
+            (loss_sum / max(step_targets, 1) if weight else loss_sum * 0.0).backward()
+            local_loss += weight * float(loss_sum.detach())
+        step_loss = self.dist.reduce_step(list(self.params.values()), local_loss)
+        if self.cfg.max_grad_norm is not None:
+            if self.sharded:
+                D.clip_grad_norm(list(self.params.values()), self.cfg.max_grad_norm, self.dist)
+            else:  # replicated gradients are equal on every rank: the single-process clipping, bit for bit
+                torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss, step_targets
+
     def _advance(self, micro: list[tuple[int, int, list[int]]], seconds: float) -> None:
         """Count the step and move the stream position past its micro-batches."""
         self.state.step += 1
@@ -176,9 +230,13 @@ class Trainer:
     def _log_train(self, loss: float) -> None:
         lr = self.scheduler.get_last_lr()[0]
         self.state.loss_curve.append([self.state.step, loss])
-        self.log.append({"step": self.state.step, "split": "train", "loss": loss, "lr": lr,
-                         "tokens_per_s": self.state.input_tokens / max(self.state.train_seconds, 1e-9),
-                         "epoch": self.state.epoch + self.state.batch_in_epoch / self.batches_per_epoch})
+        self._append_log({"step": self.state.step, "split": "train", "loss": loss, "lr": lr,
+                          "tokens_per_s": self.state.input_tokens / max(self.state.train_seconds, 1e-9),
+                          "epoch": self.state.epoch + self.state.batch_in_epoch / self.batches_per_epoch})
+
+    def _append_log(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:  # one writer: rank 0 (every rank holds the same values)
+            self.log.append(record)
 
     def _maybe_validate_and_save(self) -> None:
         step, last = self.state.step, self.state.step == self.total_steps
@@ -191,11 +249,13 @@ class Trainer:
     def _validate(self) -> None:
         val_loss = self.validation_loss()
         record: dict[str, Any] = {"step": self.state.step, "loss": val_loss}
-        if self.metric_fn is not None and self.cfg.eval_examples > 0:
+        # Generation metrics run on rank 0 alone (the others wait at their next collective); with FSDP shards a
+        # lone rank cannot run the model, so they are skipped during training (the final evaluation still runs).
+        if self.metric_fn is not None and self.cfg.eval_examples > 0 and self.dist.is_main and not self.sharded:
             record.update(self.metric_fn())
             self.model.train()
         self.state.val_curve.append(record)
-        self.log.append({"split": "validation", **record})
+        self._append_log({"split": "validation", **record})
         if self.state.best_val_loss is None or val_loss < self.state.best_val_loss:
             self.state.best_val_loss, self.state.best_step, self.state.bad_validations = val_loss, self.state.step, 0
             self.best_weights = {k: v.detach().clone() for k, v in self.params.items()}
@@ -203,29 +263,48 @@ class Trainer:
             self.state.bad_validations += 1
             if self.cfg.patience and self.state.bad_validations >= self.cfg.patience:
                 self.state.stopped_early = True
-                self.log.append({"step": self.state.step, "split": "train", "event": "early_stop",
-                                 "best_step": self.state.best_step})
+                self._append_log({"step": self.state.step, "split": "train", "event": "early_stop",
+                                  "best_step": self.state.best_step})
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        """Mean target-token cross-entropy over the validation examples (teacher forced)."""
+        """Mean target-token cross-entropy over the validation examples (teacher forced); with several processes
+        each rank scores its share of every batch and the sums are all-reduced (the same value on every rank)."""
         was_training = self.model.training
         self.model.eval()
-        total, count = 0.0, 0
+        total, count = 0.0, 0.0
         order = sorted(range(len(self.val_data)), key=lambda i: len(self.val_data[i].input_ids))
         for start in range(0, len(order), self.cfg.batch_size):
-            chunk = [self.val_data[i] for i in order[start:start + self.cfg.batch_size]]
-            loss_sum, n = self._forward_loss(self._to_device(collate(chunk, self.pad_id)))
-            total, count = total + float(loss_sum), count + n
+            batch, weight = self._local_batch(self.val_data, order[start:start + self.cfg.batch_size])
+            loss_sum, n = self._forward_loss(batch)
+            total, count = total + weight * float(loss_sum), count + weight * n
+        total, count = self.dist.sum_floats([total, count])
         self.model.train(was_training)
         return total / max(count, 1)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters as whole tensors (FSDP shards gathered: every rank must call this)."""
+        return {name: D.full_tensor(p) for name, p in self.params.items()}
+
     def save(self) -> Path:
-        trainer_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        """Write a checkpoint (rank 0; sharded state is gathered first, so every rank must call this)."""
+        best = None if self.best_weights is None else {k: D.full_tensor(v) for k, v in self.best_weights.items()}
+        optimizer = D.gather_optimizer_state(self.optimizer) if self.sharded else self.optimizer.state_dict()
+        trainer_state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                          "rng": torch.get_rng_state()}
-        return save_checkpoint(self.out_dir, self.state.step, self.params, self.best_weights, trainer_state,
-                               {"train_state": asdict(self.state)})
+        if self.dist.enabled:  # dropout draws differ per rank: an exact resume restores each rank's own stream
+            trainer_state["rng_per_rank"] = self.dist.gather_objects(torch.get_rng_state())
+        weights = self.full_weights()
+        if self.dist.is_main:
+            save_checkpoint(self.out_dir, self.state.step, weights, best, trainer_state,
+                            {"train_state": asdict(self.state), "world_size": self.dist.world_size})
+        self.dist.barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
+        return self.out_dir / "checkpoints" / f"step-{self.state.step:07d}"
+
+    def _like_params(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Unknown keys pass through, so the method's own check names them.
+        return {k: D.like_param(v, self.params[k]) if k in self.params else v for k, v in state.items()}
 
     def resume(self) -> bool:
         """Load the latest checkpoint in ``out_dir``; returns False when there is none."""
@@ -233,11 +312,17 @@ class Trainer:
         if folder is None:
             return False
         weights, best, trainer_state, state = load_checkpoint(folder)
-        self.method.load_adapter_state_dict(weights)
-        self.best_weights = best
+        # Checkpoints hold whole tensors whatever the world size; sharded parameters take their own shard.
+        self.method.load_adapter_state_dict(self._like_params(weights))
+        self.best_weights = None if best is None else self._like_params(best)
         self.optimizer.load_state_dict(trainer_state["optimizer"])
+        if self.sharded:
+            D.shard_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(trainer_state["scheduler"])
-        torch.set_rng_state(trainer_state["rng"])
+        per_rank = trainer_state.get("rng_per_rank")
+        same_world = per_rank is not None and len(per_rank) == self.dist.world_size
+        torch.set_rng_state(per_rank[self.dist.rank] if same_world else trainer_state["rng"])
         self.state = TrainState(**state["train_state"])
-        self.log.truncate_after(self.state.step)
+        if self.dist.is_main:
+            self.log.truncate_after(self.state.step)
         return True
