@@ -13,6 +13,16 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VOCAB = 96
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests: tiny models gain nothing from threads, and on a busy 2-core machine
+    they cost a lot (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,

@@ -38,13 +38,7 @@ ACT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": torch.relu, "g
                                                           "tanh": torch.tanh}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(method: str, options: dict[str, Any], model: nn.Module) -> AdapterMethod:

@@ -23,14 +23,7 @@ from peftlab.methods import get_method
 from peftlab.methods.io import save_adapter
 from peftlab.models.arch import arch_fingerprint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def saved(model, folder, method: str, seed: int = 0, **options):

@@ -41,13 +41,7 @@ from peftlab.methods.prefix_tuning.count import folded_count
 from peftlab.models.arch import LINEAR_TYPES, linear_features
 from peftlab.models.shape import ModelShape, model_shape, resolve_target_shapes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _SMALL = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,

@@ -30,19 +30,14 @@ from peftlab.models.loading import load_model_and_tokenizer
 
 peft = pytest.importorskip("peft")
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",  # peft 0.21 on transformers 5
-    "ignore::UserWarning",  # PEFT warns about fan_in_fan_out and unset task types it corrects itself
-)
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",  # peft 0.21 on transformers 5
+        "ignore::UserWarning",  # PEFT warns about fan_in_fan_out and unset task types it corrects itself
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

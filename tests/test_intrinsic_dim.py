@@ -31,12 +31,7 @@ N_MATRICES = {"gpt2": 2 * 4, "llama": 2 * 7}
 TOTAL_D = {"gpt2": 2 * 12 * 32 * 32, "llama": 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def apply(model: nn.Module, **options: Any) -> IntrinsicDimMethod:

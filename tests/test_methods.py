@@ -42,13 +42,7 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, list[str]] | None]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TRAIN_LR = {"lora": 1e-2, "prompt-tuning": 3e-2, "last-layer": 1e-2, "full": 1e-3}

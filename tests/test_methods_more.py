@@ -29,10 +29,13 @@ peft = pytest.importorskip("peft")
 
 D, LAYERS = 32, 2
 PEFT_PREFIX = "base_model.model."
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",  # peft 0.21 on transformers 5
-    "ignore:fan_in_fan_out is set to:UserWarning",  # PEFT on GPT-2's Conv1D
-)
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",  # peft 0.21 on transformers 5
+        "ignore:fan_in_fan_out is set to:UserWarning",  # PEFT on GPT-2's Conv1D
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def gpt2_with_biases() -> nn.Module:
@@ -94,14 +97,6 @@ MATRIX = [(case, fam) for case, (_, _, families, _) in CASES.items() for fam in 
 TRAIN_LR = {"ia3": 3e-2, "lora": 1e-2, "bitfit": 1e-2, "last-blocks": 1e-3}
 EMBEDDING_TRAINS = {"last-blocks-1-tied"}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def build(case: str, model: nn.Module) -> PeftMethod:

@@ -16,19 +16,14 @@ from peftlab.methods import PeftMethod, get_method
 peft = pytest.importorskip("peft")
 
 PEFT_PREFIX = "base_model.model."
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Position ids are not supported:UserWarning",  # PEFT's generate drops position ids for soft prompts
-    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",  # peft 0.21 on transformers 5
-)
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:Position ids are not supported:UserWarning",  # PEFT's generate drops position ids for soft prompts
+        "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",  # peft 0.21 on transformers 5
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def ours(family: str, method: str, options: dict) -> tuple[nn.Module, PeftMethod]:

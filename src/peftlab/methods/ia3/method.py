@@ -6,6 +6,8 @@ Trainable count = sum over targets of d_out_slice (output scaling) or d_in (inpu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from torch import nn
@@ -48,8 +50,14 @@ class IA3Method(LayerwiseMergeable):
         return {"output": sorted(kinds["output"]), "input": sorted(kinds["input"]), "n_modules": len(self.layers)}
 
 
-def feedforward_names(model: nn.Module, config: IA3Config, targets: list[TargetModule]) -> set[str]:
+def feedforward_names(resolve: Callable[..., list[Any]], config: IA3Config, targets: list[Any]) -> set[str]:
     """Module paths among ``targets`` whose input (not output) is rescaled.
+
+    Args:
+        resolve: ``resolve(names, key=...)`` -> resolved targets with ``name`` and ``part``: ``resolve_targets`` on
+            a model, or ``resolve_target_shapes`` on a model shape (the budget counter), so both follow one rule.
+        config: the IA3 options.
+        targets: the resolved ``target_modules``.
 
     Raises:
         ConfigError: an explicit ``feedforward_modules`` item matches a layer that is not a whole-layer target.
@@ -58,14 +66,14 @@ def feedforward_names(model: nn.Module, config: IA3Config, targets: list[TargetM
     sliced = {t.name for t in targets if t.part is not None}
     if config.feedforward_modules is None:
         try:
-            default = resolve_targets(model, DEFAULT_FEEDFORWARD)
+            default = resolve(DEFAULT_FEEDFORWARD, key="method.feedforward_modules")
         except ConfigError:  # a family without a canonical FFN down projection: no input scaling by default
             return set()
         return {t.name for t in default} & (target_names - sliced)
     if not config.feedforward_modules:
         return set()
     key = "method.feedforward_modules"
-    chosen = resolve_targets(model, config.feedforward_modules, key=key)
+    chosen = resolve(config.feedforward_modules, key=key)
     for t in chosen:
         if t.part is not None or t.name in sliced:
             raise ConfigError(f"{key}: {t.name} is targeted as {t.part or 'q/k/v'} output slices; input scaling "
@@ -93,7 +101,7 @@ def apply_ia3(model: nn.Module, config: IA3Config) -> IA3Method:
     if any(isinstance(m, IA3Linear) for m in model.modules()):
         raise ValueError("IA3 is already applied to this model; apply it to a fresh base model")
     targets = resolve_targets(model, config.target_modules, key="method.target_modules")
-    feedforward = feedforward_names(model, config, targets)
+    feedforward = feedforward_names(partial(resolve_targets, model), config, targets)
     freeze_all(model)
     groups: dict[str, list[TargetModule]] = {}
     for t in targets:
