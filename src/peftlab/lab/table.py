@@ -42,12 +42,16 @@ def result_row(result: dict[str, Any], split: str = "test") -> dict[str, str]:
     return row
 
 
-def format_table(results: list[dict[str, Any]], split: str = "test", markdown: bool = False) -> str:
+def format_table(results: list[dict[str, Any]], split: str = "test", markdown: bool = False,
+                 labels: list[str] | None = None) -> str:
     """Rows = runs, columns = the metrics any run has, then cost columns; baselines (e.g. lead-3) get rows too.
 
-    ``markdown=True`` gives a Markdown table (for BENCHMARKS.md) instead of aligned plain text.
+    ``markdown=True`` gives a Markdown table (for BENCHMARKS.md) instead of aligned plain text; ``labels`` name the
+    rows (default: each run's method name, which does not tell two variants of one method apart).
     """
     rows = [result_row(r, split) for r in results]
+    for row, label in zip(rows, labels or [], strict=False):
+        row["method"] = label
     for r in results:
         for name, values in r.get("metrics", {}).get(split, {}).get("baselines", {}).items():
             if not any(row["method"] == name for row in rows):
