@@ -119,6 +119,9 @@ class TrainConfig:
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     max_grad_norm: float | None = opt(1.0, "gradient clipping norm; null: no clipping")
     bf16: bool = opt(False, "bfloat16 autocast for the forward/backward (CPU and GPU)")
+    gradient_checkpointing: bool = opt(
+        False, "recompute each block's activations in the backward pass: less memory for long sequences, "
+        "~30% more compute")
     seed: int = opt(0, "random seed")
     eval_every: int = opt(0, "validate every N optimizer steps (0: only at the end)")
     eval_examples: int = opt(32, "validation examples scored with the task metric at each validation")

@@ -28,7 +28,7 @@ from peftlab.config import TrainConfig
 from peftlab.data.batching import collate, length_bucketed_batches
 from peftlab.data.encode import EncodedExample
 from peftlab.methods.base import PeftMethod
-from peftlab.models.arch import transformer_blocks
+from peftlab.models.arch import checkpoint_blocks, transformer_blocks
 from peftlab.training import distributed as D
 from peftlab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftlab.training.loss import IGNORE_INDEX, target_only_loss
@@ -99,6 +99,8 @@ class Trainer:
                           f"{self.dist.world_size} processes: some ranks only run zero-weight dummies", stacklevel=2)
         if not method.trainable_parameters():
             raise ValueError("the method has no trainable parameters")
+        if cfg.gradient_checkpointing:  # before sharding: FSDP's hooks then stay outside the checkpointed forward
+            checkpoint_blocks(self.model)
         # Identical starting weights on every rank, then shard what trains entirely; the optimizer must see the
         # sharded parameters, so it is built after.
         self.dist.broadcast_parameters(list(method.trainable_parameters().values()))

@@ -22,10 +22,15 @@ The prefixes enter through the KV cache: :meth:`PrefixTuningMethod.prepare_input
 tokens n, n+1, ... when no ``position_ids`` are passed (training), and the generate loop's ``cumsum(mask) - 1`` over
 the extended mask gives the same numbers, as does PEFT (it adds n to the position ids it is given).
 
-Gradient checkpointing in transformers 5 drops the cache inside checkpointed layers (GPT-2 passes None to its blocks;
-``GradientCheckpointingLayer`` sets ``past_key_values=None``) while the mask still counts n + T keys, which ends in a
-shape error deep in attention: a training forward with checkpointing enabled raises a clear error instead (PEFT
-refuses the combination too).
+Gradient checkpointing (``train.gradient_checkpointing``, :func:`peftlab.models.arch.checkpoint_blocks`) runs each
+block's forward a second time in the backward pass, so each layer calls ``cache.update(k, v, layer)`` twice. A
+storing cache would then hold the real keys twice; the training-time cache is stateless instead: it holds only the
+prefixes and ``update`` returns ``[prefix ; k]`` without storing, so a replay gives the same tensors, while
+``get_seq_length``/``get_mask_sizes`` still count the n prefix positions. Generation (eval mode or no autograd)
+gets the storing cache, which the decode steps extend. Hugging Face's own checkpointing
+(``model.activation_checkpointing_enable()``, formerly ``gradient_checkpointing_enable()``) is refused: it drops
+the cache inside checkpointed layers (``GradientCheckpointingLayer`` sets ``past_key_values=None``) while the mask
+still counts n + T keys.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from transformers import DynamicCache
 
 from peftlab.methods.base import PeftMethod, freeze_all
 from peftlab.methods.prefix_tuning.config import PrefixTuningConfig
+from peftlab.models.arch import hf_gradient_checkpointing
 
 # Name of the prefix module on the model (moves with model.to()).
 PREFIX_MODULE = "prefix_encoder"
@@ -115,22 +121,43 @@ class PrefixEncoder(nn.Module):
 
 
 class PrefixCache(DynamicCache):
-    """A ``DynamicCache`` pre-filled with the prefixes, cast to the dtype of the first keys the model writes.
+    """A ``DynamicCache`` pre-filled with the prefixes, cast to the dtype of the keys the model writes.
 
     So fp32 prefixes work under bf16 autocast, where ``prepare_inputs`` may run outside the autocast region.
+
+    With ``stateless`` set (training), ``update`` returns ``([P^K ; k], [P^V ; v])`` and stores nothing: calling it
+    again for the same layer (a gradient-checkpointing replay) gives the same result, and the cache keeps reporting
+    n positions to the mask code. Without it (generation), ``update`` appends as a ``DynamicCache`` does.
     """
+
+    stateless: bool = False
+
+    @property
+    def replay_safe(self) -> bool:
+        """What :func:`peftlab.models.arch.checkpoint_blocks` checks before it lets a block replay its forward."""
+        return self.stateless
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if self.stateless:
+            if layer is None or not layer.is_initialized:
+                raise ValueError(f"the prefix cache holds no prefix for layer {layer_idx}")
+            # (B, H, n, hd) + (B, H, T, hd) -> (B, H, n + T, hd); cast a copy, never the stored prefix.
+            return (torch.cat([layer.keys.to(key_states.dtype), key_states], dim=-2),
+                    torch.cat([layer.values.to(value_states.dtype), value_states], dim=-2))
         if layer is not None and layer.is_initialized and layer.keys.dtype != key_states.dtype:
             layer.keys, layer.values = layer.keys.to(key_states.dtype), layer.values.to(value_states.dtype)
             layer.dtype = key_states.dtype
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
-def _gradient_checkpointing_on(model: nn.Module) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+HF_CHECKPOINTING_ERROR = (
+    "prefix tuning does not work with Hugging Face's gradient checkpointing (model.activation_checkpointing_enable() "
+    "or gradient_checkpointing_enable()): it drops the KV cache, which holds the prefixes, inside checkpointed "
+    "layers; call model.activation_checkpointing_disable() and use train.gradient_checkpointing=true "
+    "(peftlab.models.arch.checkpoint_blocks), which keeps the cache"
+)
 
 
 class PrefixTuningMethod(PeftMethod):
@@ -154,10 +181,13 @@ class PrefixTuningMethod(PeftMethod):
         ``transform.{0,2}.{weight,bias}``."""
         return dict(self.encoder.named_parameters())
 
-    def prefix_cache(self, batch_size: int) -> PrefixCache:
+    def prefix_cache(self, batch_size: int, stateless: bool = False) -> PrefixCache:
         """A fresh cache holding each layer's prefix keys and values, each (B, n_kv_heads, n, head_dim).
 
-        Fresh per call: the model appends the real tokens' keys and values to it.
+        Args:
+            batch_size: B.
+            stateless: True: ``update`` returns prefix + new keys without storing them (training, safe under
+                gradient checkpointing); False: the model appends the real tokens' keys (generation).
         """
         n, s = self.config.n_tokens, self.shape
         prefix = self.encoder()  # (n, L * 2 * k)
@@ -168,6 +198,7 @@ class PrefixTuningMethod(PeftMethod):
             keys = per_layer[2 * layer].unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, H, n, hd)
             values = per_layer[2 * layer + 1].unsqueeze(0).expand(batch_size, -1, -1, -1)
             cache.update(keys, values, layer)
+        cache.stateless = stateless
         return cache
 
     def prepare_inputs(
@@ -177,12 +208,15 @@ class PrefixTuningMethod(PeftMethod):
         labels: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """``input_ids`` (B, T), ``attention_mask`` (B, n+T) with n leading ones, labels (B, T) unchanged, and
-        ``past_key_values``: a fresh :class:`PrefixCache` of length n."""
-        if self.model.training and _gradient_checkpointing_on(self.model):
-            raise ValueError(
-                "prefix tuning does not work with gradient checkpointing: transformers drops the KV cache (which "
-                "holds the prefixes) inside checkpointed layers; call model.gradient_checkpointing_disable()"
-            )
+        ``past_key_values``: a fresh :class:`PrefixCache` of length n.
+
+        The cache is stateless when the model trains (training mode with autograd on: the only case in which
+        :func:`~peftlab.models.arch.checkpoint_blocks` replays blocks), a storing one otherwise, which generation
+        extends token by token.
+        """
+        training = self.model.training and torch.is_grad_enabled()
+        if training and hf_gradient_checkpointing(self.model):
+            raise ValueError(HF_CHECKPOINTING_ERROR)
         batch = input_ids.shape[0]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -190,7 +224,7 @@ class PrefixTuningMethod(PeftMethod):
         out: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": torch.cat([ones, attention_mask], dim=1),
-            "past_key_values": self.prefix_cache(batch),
+            "past_key_values": self.prefix_cache(batch, stateless=training),
         }
         if labels is not None:
             out["labels"] = labels
@@ -246,9 +280,8 @@ def apply_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> PrefixT
     """
     if hasattr(model, PREFIX_MODULE):
         raise ValueError(f"the model already has {PREFIX_MODULE!r}: prefix tuning is applied once per model")
-    if _gradient_checkpointing_on(model):
-        raise ValueError("prefix tuning does not work with gradient checkpointing (transformers drops the KV cache "
-                         "inside checkpointed layers); call model.gradient_checkpointing_disable() first")
+    if hf_gradient_checkpointing(model):
+        raise ValueError(HF_CHECKPOINTING_ERROR)
     freeze_all(model)
     shape = kv_shape(model)
     reference = next(model.parameters())
