@@ -41,7 +41,7 @@ def logits(method: PrefixTuningMethod, batch: dict[str, torch.Tensor]) -> torch.
 def test_registered_with_paper_and_lr():
     spec = get_method("prefix-tuning")
     assert spec.paper == "https://arxiv.org/abs/2101.00190"
-    assert spec.default_lr == 1e-2
+    assert spec.default_lr == 3e-4  # suits the default MLP reparametrization (see the spec's comment)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -84,7 +84,8 @@ def test_prepare_inputs_shapes(family, batch):
 @pytest.mark.parametrize("reparametrize", [True, False])
 def test_ten_adamw_steps_lower_the_loss(family, reparametrize, batch):
     method = build(family, reparametrize=reparametrize)  # eval mode: no dropout noise in a 10-step comparison
-    optimizer = torch.optim.AdamW(method.trainable_parameters().values(), lr=get_method("prefix-tuning").default_lr)
+    # A tiny random model needs a large step to show a drop within 10 steps; SmolLM2 wants the default 3e-4.
+    optimizer = torch.optim.AdamW(method.trainable_parameters().values(), lr=1e-2)
     losses = []
     for _ in range(11):
         loss, count = target_only_loss(method.model, method.prepare_inputs(**batch))
