@@ -281,19 +281,26 @@ def split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
     return yaml_path, overrides
 
 
+def read_yaml_mapping(path: Path, what: str, expected: str) -> dict[str, Any]:
+    """The top-level mapping of a YAML file; ``ConfigError`` naming the file when it is unreadable, not YAML, or not
+    a mapping (``what`` names the kind of file, ``expected`` what its top level should hold)."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be {expected}")
+    return data
+
+
 def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Build a validated :class:`RunConfig` from defaults, an optional YAML file and dotted overrides."""
     cfg = RunConfig()
     if yaml_path is not None:
         path = Path(yaml_path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = read_yaml_mapping(path, "config file", "a mapping of sections")
         try:
             for key, value in data.items():
                 _set(cfg, str(key), value)

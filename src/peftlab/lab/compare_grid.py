@@ -36,9 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from peftlab.config import PRIMARY_FIELD, ConfigError, RunConfig, config_from_dict, parse_override
+from peftlab.config import PRIMARY_FIELD, ConfigError, RunConfig, config_from_dict, parse_override, read_yaml_mapping
 
 SHARED_SECTIONS = ("model", "task", "data", "train", "eval")
 GRID_KEYS = ("name", "methods", "n_train", "seeds", "budget", "baselines", "results")
@@ -239,14 +237,7 @@ def parse_grid(data: dict[str, Any], source: str = "<grid>", overrides: list[str
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridSpec:
     """Read a grid YAML file and apply command-line overrides (see :func:`parse_grid`)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read grid file {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping (keys: {', '.join(GRID_KEYS)}, sections)")
+    data = read_yaml_mapping(path, "grid file", f"a mapping (keys: {', '.join(GRID_KEYS)}, sections)")
     return parse_grid(data, str(path), overrides)
 
 
