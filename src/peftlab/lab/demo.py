@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftlab.lab.compare import compare
+from peftlab.lab.compare_grid import load_grid
 from peftlab.lab.report import write_report
 
 DEMO_GRID = Path(__file__).with_name("demo_grid.yaml")
@@ -22,10 +23,9 @@ def run_demo(overrides: list[str], results: str = "results") -> tuple[list[dict]
     Returns:
         The results of the grid's runs and the path of ``report.html``.
     """
-    for item in overrides:  # the grid's own `results=` key moves the report with it
-        if item.startswith("results="):
-            results = item.split("=", 1)[1]
-    runs = compare(DEMO_GRID, [f"results={results}", *overrides], command="peftlab demo " + " ".join(overrides))
-    _, html = write_report(results)
+    overrides = [f"results={results}", *overrides]  # a `results=` of the caller's comes later and wins
+    root = load_grid(DEMO_GRID, overrides).results  # the grid parser reads it, so the report goes where the runs go
+    runs = compare(DEMO_GRID, overrides, command="peftlab demo " + " ".join(overrides[1:]))
+    _, html = write_report(root)
     print(f"report: {html} (and report.md beside it)")
     return runs, html

@@ -230,11 +230,7 @@ def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[st
     train_info = {
         "method": {"name": cfg.method.name, **setup.method.describe()},
         **params,
-        "lr": info["lr"],
-        "steps": info["steps"],
-        "epochs_completed": info["epochs_completed"],
-        "train_examples": info["train_examples"],
-        "world_size": info["world_size"],
+        **info,  # lr, steps, epochs_completed, train_examples, world_size (known before the trainer is gone)
         "train_seconds": state.train_seconds,
         "epoch_seconds": state.epoch_seconds,
         "train_input_tokens": state.input_tokens,
