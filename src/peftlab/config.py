@@ -122,6 +122,10 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(
         False, "recompute each block's activations in the backward pass: less memory for long sequences, "
         "~30% more compute")
+    cache_frozen_trunk: str = opt(
+        "auto", "auto | on | off: when only the output head trains (last-layer, untied head), compute each training "
+        "example's trunk hidden states once and reuse them in later epochs; auto = on when the trunk has no dropout "
+        "and the cache fits in 2 GiB on the training device")
     seed: int = opt(0, "random seed")
     eval_every: int = opt(0, "validate every N optimizer steps (0: only at the end)")
     eval_examples: int = opt(32, "validation examples scored with the task metric at each validation")
@@ -147,6 +151,9 @@ class TrainConfig:
         check(self.patience >= 0, f"{prefix}.patience", "must be >= 0")
         check(self.log_every > 0, f"{prefix}.log_every", "must be > 0")
         check(self.save_every >= 0, f"{prefix}.save_every", "must be >= 0")
+        if isinstance(self.cache_frozen_trunk, bool):  # YAML 1.1 reads a bare on/off as true/false
+            self.cache_frozen_trunk = "on" if self.cache_frozen_trunk else "off"
+        check_choice(self.cache_frozen_trunk, f"{prefix}.cache_frozen_trunk", ("auto", "on", "off"))
 
 
 @dataclass

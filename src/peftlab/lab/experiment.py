@@ -233,6 +233,8 @@ def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[st
         **info,  # lr, steps, epochs_completed, train_examples, world_size (known before the trainer is gone)
         "train_seconds": state.train_seconds,
         "epoch_seconds": state.epoch_seconds,
+        "trunk_cache": state.trunk_cache,  # train.cache_frozen_trunk in effect: later epochs skipped the trunk
+        "trunk_cache_bytes": state.trunk_cache_bytes,
         "train_input_tokens": state.input_tokens,
         "train_target_tokens": state.target_tokens,
         "train_tokens_per_s": state.input_tokens / max(state.train_seconds, 1e-9),

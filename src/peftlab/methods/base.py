@@ -81,6 +81,14 @@ class PeftMethod:
             out["labels"] = labels
         return out
 
+    def frozen_trunk(self) -> bool:
+        """True when nothing before the output head trains, so the trunk's hidden states depend only on the input.
+
+        The trainer may then compute each training example's trunk features once and reuse them in later epochs
+        (``train.cache_frozen_trunk``). The default, False, is always safe.
+        """
+        return False
+
     def after_training(self) -> None:
         """Called once after training, before the adapter is saved (e.g. prefix tuning folds its MLP into P)."""
 

@@ -9,6 +9,9 @@ the same weights as an uninterrupted one.
 Under several processes (``torchrun``, ``accelerate launch``; see :mod:`peftlab.training.distributed`) each optimizer
 step's micro-batches are split across ranks, the loss is normalised by the step's global target-token count and
 gradients are summed, so the run trains what the single-process run trains; rank 0 alone writes files.
+
+When only the output head trains (``PeftMethod.frozen_trunk()``), each training example's trunk features are computed
+once and reused in later epochs (``train.cache_frozen_trunk``, :mod:`peftlab.training.trunk_cache`).
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ from peftlab.config import TrainConfig
 from peftlab.data.batching import collate, length_bucketed_batches
 from peftlab.data.encode import EncodedExample
 from peftlab.methods.base import PeftMethod
-from peftlab.models.arch import checkpoint_blocks, transformer_blocks
+from peftlab.models.arch import checkpoint_blocks, output_head, transformer_blocks
 from peftlab.training import distributed as D
 from peftlab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from peftlab.training.loss import IGNORE_INDEX, target_only_loss
+from peftlab.training.loss import IGNORE_INDEX, chunked_cross_entropy, target_only_loss
 from peftlab.training.metrics_log import MetricsLog
 from peftlab.training.schedule import lr_lambda
+from peftlab.training.trunk_cache import TrunkCache, announce, estimated_bytes, use_trunk_cache
 
 
 @dataclass
@@ -55,6 +59,8 @@ class TrainState:
     loss_curve: list[list[float]] = field(default_factory=list)
     val_curve: list[dict[str, Any]] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)
+    trunk_cache: bool = False  # train.cache_frozen_trunk was in effect (the trunk ran once per example)
+    trunk_cache_bytes: int = 0  # bytes of cached trunk features at the end of fit(), summed over processes
 
 
 class Interrupt(Exception):
@@ -115,6 +121,11 @@ class Trainer:
         # Position t predicts token t+1: the labelled positions of labels[1:] are the tokens the loss counts.
         self.target_counts = [sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in train_data]
         self.batches_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+        # Frozen-trunk caching: not checkpointed; after a resume the cache is rebuilt as examples come round again.
+        self.trunk_cache = TrunkCache() if use_trunk_cache(method, cfg.cache_frozen_trunk,
+                                                           sum(self.target_counts)) else None
+        if self.trunk_cache is not None and self.dist.is_main:
+            announce(sum(self.target_counts), len(train_data), estimated_bytes(self.model, sum(self.target_counts)))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -142,19 +153,26 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def _local_batch(self, data: list[EncodedExample], indices: list[int]) -> tuple[dict[str, torch.Tensor], float]:
-        """This rank's rows of one global micro-batch, and their weight (1, or 0 for a dummy).
+    def _local_batch(self, data: list[EncodedExample],
+                     indices: list[int]) -> tuple[dict[str, torch.Tensor], float, list[int]]:
+        """This rank's rows of one global micro-batch, their weight (1, or 0 for a dummy) and their example indices.
 
         A rank whose share is empty (a short last batch with fewer rows than ranks) runs the batch's first row with
         weight 0: its gradient contribution is zero, but it still takes part in FSDP's collectives.
         """
         rows = self.dist.shard(indices)
         weight = 1.0 if rows else 0.0
-        return self._to_device(collate([data[i] for i in rows or indices[:1]], self.pad_id)), weight
+        rows = rows or indices[:1]
+        return self._to_device(collate([data[i] for i in rows], self.pad_id)), weight, rows
 
-    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def _forward_loss(self, batch: dict[str, torch.Tensor], rows: list[int] | None = None) -> tuple[torch.Tensor, int]:
+        """Summed target-token loss and target count; ``rows`` (training-example indices of the batch rows) lets the
+        frozen-trunk cache serve the trunk's features, so only the head and the cross-entropy run."""
         inputs = self.method.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            if self.trunk_cache is not None and rows is not None:
+                hidden, targets = self.trunk_cache.features(self.model, rows, inputs)  # (N, d), (N,)
+                return chunked_cross_entropy(output_head(self.model), hidden, targets), int(targets.numel())
             return target_only_loss(self.model, inputs)
 
     # ---- the loop ------------------------------------------------------------------------------------------
@@ -166,6 +184,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True,
                    mininterval=1.0, disable=not self.dist.is_main)
         self.model.train()
+        self.state.trunk_cache = self.trunk_cache is not None
         while self.state.step < self.total_steps and not self.state.stopped_early:
             t0 = time.perf_counter()
             micro = [next(stream) for _ in range(self.cfg.grad_accum)]
@@ -184,6 +203,8 @@ class Trainer:
             if self.on_step is not None:
                 self.on_step(self.state)
         bar.close()
+        if self.trunk_cache is not None:
+            self.state.trunk_cache_bytes = int(self.dist.sum_floats([float(self.trunk_cache.nbytes)])[0])
         if self.best_weights is not None:
             self.method.load_adapter_state_dict(self.best_weights)
         self.model.eval()
@@ -201,9 +222,9 @@ class Trainer:
         self.state.input_tokens += sum(self.lengths[i] for idx in micro for i in idx)
         local_loss = 0.0
         for k, indices in enumerate(micro):
-            batch, weight = self._local_batch(self.train_data, indices)
+            batch, weight, rows = self._local_batch(self.train_data, indices)
             D.set_gradient_sync(self.sharded_blocks, k == len(micro) - 1)  # FSDP reduces once, after the last
-            loss_sum, _ = self._forward_loss(batch)
+            loss_sum, _ = self._forward_loss(batch, rows)
             (loss_sum / max(step_targets, 1) if weight else loss_sum * 0.0).backward()
             local_loss += weight * float(loss_sum.detach())
         step_loss = self.dist.reduce_step(list(self.params.values()), local_loss)
@@ -277,7 +298,7 @@ class Trainer:
         total, count = 0.0, 0.0
         order = sorted(range(len(self.val_data)), key=lambda i: len(self.val_data[i].input_ids))
         for start in range(0, len(order), self.cfg.batch_size):
-            batch, weight = self._local_batch(self.val_data, order[start:start + self.cfg.batch_size])
+            batch, weight, _ = self._local_batch(self.val_data, order[start:start + self.cfg.batch_size])
             loss_sum, n = self._forward_loss(batch)
             total, count = total + weight * float(loss_sum), count + weight * n
         total, count = self.dist.sum_floats([total, count])

@@ -34,6 +34,10 @@ class LastLayerMethod(PeftMethod):
         """``lm_head.weight`` (V, d), plus ``lm_head.bias`` when the head has one."""
         return {f"{self._prefix}.{name}": p for name, p in output_head(self.model).named_parameters()}
 
+    def frozen_trunk(self) -> bool:
+        """True with an untied head; a tied head is also the input embedding, so training it changes the trunk."""
+        return self.head == "untied"
+
     def describe(self) -> dict[str, Any]:
         return {"head": self.head, "was_tied": self.was_tied}
 
