@@ -34,6 +34,7 @@ from peftlab.methods.base import PeftMethod
 from peftlab.models.arch import checkpoint_blocks, output_head, transformer_blocks
 from peftlab.training import distributed as D
 from peftlab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from peftlab.training.host_memory import release_freed_memory
 from peftlab.training.loss import IGNORE_INDEX, chunked_cross_entropy, target_only_loss
 from peftlab.training.metrics_log import MetricsLog
 from peftlab.training.schedule import lr_lambda
@@ -105,6 +106,8 @@ class Trainer:
                           f"{self.dist.world_size} processes: some ranks only run zero-weight dummies", stacklevel=2)
         if not method.trainable_parameters():
             raise ValueError("the method has no trainable parameters")
+        if cfg.release_freed_memory and self.device.type == "cpu":
+            release_freed_memory()
         if cfg.gradient_checkpointing:  # before sharding: FSDP's hooks then stay outside the checkpointed forward
             checkpoint_blocks(self.model)
         # Identical starting weights on every rank, then shard what trains entirely; the optimizer must see the
