@@ -1,8 +1,8 @@
 """Where a training step's memory goes, and what two levers change: LoRA (q, v) training steps on batches of B random
 sequences of length T in three settings per length,
 
-    glibc    the C library's default malloc (a dynamic mmap threshold; ``train.release_freed_memory=false``)
-    fixed    peftlab's default: the mmap threshold fixed at 128 KiB (:mod:`peftlab.training.host_memory`)
+    glibc    the C library's default malloc, a dynamic mmap threshold (peftlab's default)
+    fixed    the mmap threshold fixed at 128 KiB (``train.release_freed_memory=true``, training/host_memory.py)
     ckpt     fixed + gradient checkpointing (``train.gradient_checkpointing``, ``arch.checkpoint_blocks``)
 
 As in summarization (long source, short target), only the last ``--target`` positions of each sequence carry a label,
@@ -91,7 +91,7 @@ def run_setting(model_name: str, batch: int, length: int, target: int, steps: in
     if checkpointing:
         checkpoint_blocks(model)
     if fixed_threshold:
-        release_freed_memory()  # what the Trainer does on CPU by default
+        release_freed_memory()  # what the Trainer does with train.release_freed_memory=true
     loaded_rss = peak_rss_mib()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -99,7 +99,7 @@ def run_setting(model_name: str, batch: int, length: int, target: int, steps: in
     generator = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings
     model.train()
-    seconds, losses, saved = [], [], 0.0
+    seconds, losses, saved = [], [], float("nan")
     for step in range(steps + 1):
         ids = torch.randint(0, vocab, (batch, length), generator=generator).to(device)  # (B, T)
         t0 = time.perf_counter()
@@ -107,7 +107,7 @@ def run_setting(model_name: str, batch: int, length: int, target: int, steps: in
         labels[:, :-target] = -100  # loss on the last `target` tokens only
         inputs = method.prepare_inputs(ids, torch.ones_like(ids), labels)
         loss, n = target_only_loss(model, inputs)
-        if step == 0:  # outside the timed steps: the graph walk takes a moment
+        if step == 0 and not checkpointing:  # reading a checkpointed node's saved tensors would recompute it
             saved = saved_tensor_mib(loss, model)
         (loss / n).backward()
         optimizer.step()
@@ -133,7 +133,9 @@ def spawn(args: argparse.Namespace, length: int, setting: str) -> dict[str, Any]
         command += ["--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"worker for T={length} setting={setting} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"worker for T={length} setting={setting} failed (exit {done.returncode}):\n"
+                           f"{done.stderr[-3000:]}")
+    print(done.stdout.strip().splitlines()[-1], file=sys.stderr, flush=True)  # each result as soon as it is in
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -5,13 +5,16 @@ PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves request
 an mmapped chunk is freed, the threshold rises to that chunk's size (up to 32 MiB). After the first training step,
 activation tensors of a few MiB (batch x length x hidden) therefore come from the heap instead; freed ones stay
 there, and the heap fragments as tensors of many sizes come and go, so the resident set keeps memory no tensor
-uses. Measured on SmolLM2-135M, LoRA q,v, batch 4 x 530 tokens, fp32 (`benchmarks/activation_memory.py`): the peak RSS
-above the loaded model was 4.00 GiB after two steps with the dynamic threshold, 2.53 GiB with it fixed, against
-about 2 GiB of activations that autograd actually saves.
+uses.
 
 Fixing the threshold (any ``mallopt(M_MMAP_THRESHOLD, ...)`` call turns the dynamic adjustment off for the rest of
-the process) keeps large tensors on ``mmap``: freed memory goes back at once, at the price of a page fault per page
-of each new large tensor. Other allocators (jemalloc, tcmalloc, non-glibc C libraries) are left alone.
+the process) keeps large tensors on ``mmap``: freed memory goes back at once, at the price of page faults (and
+zeroing) for every page of every new large tensor. Measured on SmolLM2-135M, LoRA q,v, batch 4 x 512 tokens, fp32,
+2 threads (``python benchmarks/activation_memory.py --lengths 512``): the training peak above the loaded model was
+4244 MiB with glibc's dynamic threshold and 2532 MiB with it fixed (autograd itself saves 1900 MiB), but a step took
+12.1 s instead of 8.2 s; ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's transparent-huge-page advice) did not change that.
+It is therefore an option (``train.release_freed_memory``, off by default) between the default and gradient
+checkpointing (822 MiB, 16.7 s). Other allocators (jemalloc, tcmalloc, non-glibc C libraries) are left alone.
 """
 
 from __future__ import annotations
