@@ -14,7 +14,7 @@ zeroing) for every page of every new large tensor. Measured on SmolLM2-135M, LoR
 4244 MiB with glibc's dynamic threshold and 2532 MiB with it fixed (autograd itself saves 1900 MiB), but a step took
 12.1 s instead of 8.2 s; ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's transparent-huge-page advice) did not change that.
 It is therefore an option (``train.release_freed_memory``, off by default) between the default and gradient
-checkpointing (822 MiB, 16.7 s). Other allocators (jemalloc, tcmalloc, non-glibc C libraries) are left alone.
+checkpointing (`activation_memory.py` reports all three). Other allocators (jemalloc, tcmalloc, non-glibc C libraries) are left alone.
 """
 
 from __future__ import annotations
