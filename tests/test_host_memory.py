@@ -61,3 +61,25 @@ def test_trainer_applies_the_setting_only_when_asked(monkeypatch, tmp_path):
 def test_non_glibc_is_left_alone(monkeypatch):
     monkeypatch.setattr(host_memory, "_glibc", lambda: None)
     assert host_memory.release_freed_memory() is False
+
+
+# A run's peak must be its own: 200 MiB touched and freed before the reset must not count after it.
+PEAK_PROBE = textwrap.dedent("""
+    import torch
+    from peftlab.lab.results import peak_memory, reset_peak_memory
+    cpu = torch.device("cpu")
+    big = torch.ones(50 * 2**20); del big  # 200 MiB
+    before = peak_memory(cpu)["peak_memory_bytes"]
+    assert reset_peak_memory(cpu)
+    after = peak_memory(cpu)["peak_memory_bytes"]
+    small = torch.ones(10 * 2**20)  # 40 MiB, held
+    print(before, after, peak_memory(cpu)["peak_memory_bytes"])
+""")
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="the resettable VmHWM is Linux's")
+def test_peak_memory_window_restarts_at_each_run():
+    out = subprocess.run([sys.executable, "-c", PEAK_PROBE], capture_output=True, text=True, check=True)
+    before, after, later = (int(x) for x in out.stdout.split())
+    assert before - after > 150 * 2**20  # the freed 200 MiB no longer counts
+    assert later - after > 30 * 2**20  # what the new window allocates does

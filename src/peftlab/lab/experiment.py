@@ -178,6 +178,7 @@ def train_run(cfg: RunConfig, command: str = "", on_step: Callable[[TrainState],
     ctx = init_distributed(cfg.train.device)
     out = Path(cfg.out)
     _check_out_dir(out, cfg.resume)
+    results.reset_peak_memory(ctx.device)  # this run's peak, not an earlier run's in the same process (compare)
     setup = build(cfg, device=ctx.device)
     train = _load_split(setup, "train", cfg.data.max_train, sample_seed=cfg.data.seed)
     setup.task.fit_labels(train)
@@ -274,6 +275,7 @@ def eval_run(cfg: RunConfig, command: str = "") -> dict:
     started, commit = time.time(), results.git_commit()  # the code that runs is the code at the start
     out = Path(cfg.out)
     _check_out_dir(out, resume=False)
+    results.reset_peak_memory(resolve_device(cfg.train.device))
     if cfg.adapter is not None:
         adapter_cfg = read_adapter_config(cfg.adapter)
         # The prompt format is part of the adapter: evaluate with the task settings it was trained with.

@@ -12,6 +12,7 @@ Schema (``schema_version`` 1)::
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import resource
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from peftlab.training.host_memory import trim_heap
 
 SCHEMA_VERSION = 1
 
@@ -74,12 +77,47 @@ def git_commit() -> str | None:
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak-memory window, so that a run's peak is its own when several share a process (``compare``).
+
+    CUDA: the allocator's peak counter. CPU on Linux: the kernel's resident high-water mark (``VmHWM``, reset by
+    writing 5 to ``/proc/self/clear_refs``), after a garbage collection and ``malloc_trim`` so that memory the
+    previous run freed does not count. Returns False where the CPU mark cannot be reset (the peak is then the
+    process's lifetime peak).
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    gc.collect()
+    trim_heap()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _vm_hwm_bytes() -> int | None:
+    """The kernel's resident high-water mark of this process (Linux ``VmHWM``), or None elsewhere."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
+    return None
+
+
 def peak_memory(device: torch.device) -> dict[str, Any]:
-    """Peak memory in bytes: CUDA max allocated on a GPU, the process's peak RSS on CPU."""
+    """Peak memory in bytes since :func:`reset_peak_memory`: CUDA max allocated on a GPU, the peak RSS on CPU."""
     if device.type == "cuda":
         return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
                 "peak_memory_kind": "cuda_max_allocated"}
-    # ru_maxrss is in kilobytes on Linux and bytes on macOS.
+    hwm = _vm_hwm_bytes()
+    if hwm is not None:
+        return {"peak_memory_bytes": hwm, "peak_memory_kind": "cpu_peak_rss"}
+    # ru_maxrss (never reset) is in kilobytes on Linux and bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024
     return {"peak_memory_bytes": int(rss * scale), "peak_memory_kind": "cpu_peak_rss"}

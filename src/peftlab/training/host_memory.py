@@ -14,7 +14,8 @@ zeroing) for every page of every new large tensor. Measured on SmolLM2-135M, LoR
 4244 MiB with glibc's dynamic threshold and 2532 MiB with it fixed (autograd itself saves 1900 MiB), but a step took
 12.1 s instead of 8.2 s; ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's transparent-huge-page advice) did not change that.
 It is therefore an option (``train.release_freed_memory``, off by default) between the default and gradient
-checkpointing (`activation_memory.py` reports all three). Other allocators (jemalloc, tcmalloc, non-glibc C libraries) are left alone.
+checkpointing (``benchmarks/activation_memory.py`` reports all three). Other allocators (jemalloc, tcmalloc,
+non-glibc C libraries) are left alone.
 """
 
 from __future__ import annotations
@@ -49,3 +50,9 @@ def release_freed_memory(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     if libc is None:
         return False
     return bool(libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(threshold)))
+
+
+def trim_heap() -> bool:
+    """Give the heap's free memory back to the OS now (glibc ``malloc_trim(0)``); False where there is no glibc."""
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(ctypes.c_size_t(0)))
