@@ -23,6 +23,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def toy_examples(n: int, seed: int, length_spread: int) -> list:
+    """``n`` encoded examples: prompts of 4 to 3 + ``length_spread`` random tokens (so batches pad differently) and
+    4 target tokens, 3 of them a fixed function of the prompt, then id 1."""
+    from peftlab.data.encode import IGNORE_INDEX, EncodedExample
+
+    g = torch.Generator().manual_seed(seed)
+    data = []
+    for i in range(n):
+        prompt = torch.randint(2, VOCAB, (4 + i % length_spread,), generator=g).tolist()
+        target = [(t * 7 + 3) % (VOCAB - 2) + 2 for t in prompt[:3]] + [1]
+        data.append(EncodedExample(input_ids=prompt + target, labels=[IGNORE_INDEX] * len(prompt) + target))
+    return data
+
+
 def tiny_gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, VOCAB, tiny_gpt2, tiny_llama
+from conftest import MODEL_FACTORIES, tiny_gpt2, tiny_llama, toy_examples
 from torch import nn
 from transformers import DynamicCache
 
@@ -22,7 +22,7 @@ from peftlab.evaluation.generate import greedy_generate
 from peftlab.methods import PeftMethod, all_methods, get_method
 from peftlab.models import arch
 from peftlab.models.arch import blocks_checkpointed, checkpoint_blocks
-from peftlab.training.loss import IGNORE_INDEX, target_only_loss
+from peftlab.training.loss import target_only_loss
 from peftlab.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -214,13 +214,7 @@ def test_hf_checkpointing_is_refused_with_a_pointer_to_ours():
 
 
 def toy_data(n: int, seed: int) -> list[EncodedExample]:
-    g = torch.Generator().manual_seed(seed)
-    data = []
-    for i in range(n):
-        prompt = torch.randint(2, VOCAB, (4 + i % 4,), generator=g).tolist()
-        target = [(t * 7 + 3) % (VOCAB - 2) + 2 for t in prompt[:3]] + [1]
-        data.append(EncodedExample(input_ids=prompt + target, labels=[IGNORE_INDEX] * len(prompt) + target))
-    return data
+    return toy_examples(n, seed, length_spread=4)
 
 
 def test_trainer_with_gradient_checkpointing_trains_the_same_weights(tmp_path):

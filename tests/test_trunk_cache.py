@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_gpt2, tiny_llama
+from conftest import tiny_gpt2, tiny_llama, toy_examples
 from torch import nn
 
 import peftlab.methods  # noqa: F401  registers every method
@@ -24,13 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def toy_data(n: int = 16, seed: int = 0) -> list[EncodedExample]:
     """Prompts of 4-8 tokens (different lengths: batches are padded differently each epoch), 4 target tokens."""
-    g = torch.Generator().manual_seed(seed)
-    data = []
-    for i in range(n):
-        prompt = torch.randint(2, VOCAB, (4 + i % 5,), generator=g).tolist()
-        target = [(t * 7 + 3) % (VOCAB - 2) + 2 for t in prompt[:3]] + [1]
-        data.append(EncodedExample(input_ids=prompt + target, labels=[IGNORE_INDEX] * len(prompt) + target))
-    return data
+    return toy_examples(n, seed, length_spread=5)
 
 
 def applied(name: str = "last-layer", model: nn.Module | None = None, **options) -> PeftMethod:
