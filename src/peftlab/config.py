@@ -49,6 +49,18 @@ def check_choice(value: Any, key: str, choices: list | tuple) -> None:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
 
 
+CACHE_FROZEN_TRUNK_MODES = ("auto", "on", "off")
+
+
+def cache_frozen_trunk_mode(value: str | bool, key: str = "train.cache_frozen_trunk") -> str:
+    """``train.cache_frozen_trunk`` as one of auto | on | off; YAML 1.1 reads a bare on/off as true/false, so
+    booleans are taken as on/off. ``ConfigError`` names ``key`` and the choices otherwise."""
+    if isinstance(value, bool):
+        value = "on" if value else "off"
+    check_choice(value, key, CACHE_FROZEN_TRUNK_MODES)
+    return value
+
+
 @dataclass
 class ModelConfig:
     name: str = opt("smollm2-135m", "base model: hub id, local HF folder, .gguf file, or alias 'smollm2-135m'")
@@ -155,9 +167,7 @@ class TrainConfig:
         check(self.patience >= 0, f"{prefix}.patience", "must be >= 0")
         check(self.log_every > 0, f"{prefix}.log_every", "must be > 0")
         check(self.save_every >= 0, f"{prefix}.save_every", "must be >= 0")
-        if isinstance(self.cache_frozen_trunk, bool):  # YAML 1.1 reads a bare on/off as true/false
-            self.cache_frozen_trunk = "on" if self.cache_frozen_trunk else "off"
-        check_choice(self.cache_frozen_trunk, f"{prefix}.cache_frozen_trunk", ("auto", "on", "off"))
+        self.cache_frozen_trunk = cache_frozen_trunk_mode(self.cache_frozen_trunk, f"{prefix}.cache_frozen_trunk")
 
 
 @dataclass

@@ -125,10 +125,10 @@ class Trainer:
         self.target_counts = [sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in train_data]
         self.batches_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
         # Frozen-trunk caching: not checkpointed; after a resume the cache is rebuilt as examples come round again.
-        self.trunk_cache = TrunkCache() if use_trunk_cache(method, cfg.cache_frozen_trunk,
-                                                           sum(self.target_counts)) else None
+        all_targets = sum(self.target_counts)
+        self.trunk_cache = TrunkCache() if use_trunk_cache(method, cfg.cache_frozen_trunk, all_targets) else None
         if self.trunk_cache is not None and self.dist.is_main:
-            announce(sum(self.target_counts), len(train_data), estimated_bytes(self.model, sum(self.target_counts)))
+            announce(all_targets, len(train_data), estimated_bytes(self.model, all_targets))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -20,12 +20,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from peftlab.config import ConfigError
+from peftlab.config import ConfigError, cache_frozen_trunk_mode
 from peftlab.methods.base import PeftMethod
 from peftlab.models.arch import output_head, trunk
 from peftlab.training.loss import IGNORE_INDEX, target_hidden_states
 
-CACHE_MODES = ("auto", "on", "off")
 KEY = "train.cache_frozen_trunk"
 AUTO_LIMIT_BYTES = 2 * 2**30  # auto turns the cache on only when its estimated size is at most this
 # Model-config fields of dropout that is applied functionally (Llama's attention) or by modules (GPT-2).
@@ -125,10 +124,7 @@ def use_trunk_cache(method: PeftMethod, mode: str | bool, target_tokens: int) ->
     Raises:
         ConfigError: ``on`` with a method whose trunk trains, or an unknown mode.
     """
-    if isinstance(mode, bool):  # YAML 1.1 reads a bare on/off as true/false
-        mode = "on" if mode else "off"
-    if mode not in CACHE_MODES:
-        raise ConfigError(f"{KEY}: {mode!r} is not one of {', '.join(map(repr, CACHE_MODES))}")
+    mode = cache_frozen_trunk_mode(mode, KEY)  # a TrainConfig built in code may not have been validated
     if mode == "off":
         return False
     frozen, dropout = method.frozen_trunk(), trunk_dropout(method.model)
