@@ -26,6 +26,7 @@ import torch
 
 from peftlab.config import MethodConfig, RunConfig
 from peftlab.data.dataset import load_examples
+from peftlab.data.encode import IGNORE_INDEX
 from peftlab.lab.experiment import Setup, build, set_seed
 from peftlab.methods import get_method
 from peftlab.training.trainer import Trainer
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     if runs[0]["cached"] or not runs[1]["cached"]:
         raise RuntimeError("the cache did not follow train.cache_frozen_trunk (off, on)")
     diff = max(float((runs[1]["weights"][k] - w).abs().max()) for k, w in runs[0]["weights"].items())
-    targets = sum(sum(t != -100 for t in e.labels[1:]) for e in examples)
+    targets = sum(sum(t != IGNORE_INDEX for t in e.labels[1:]) for e in examples)
     print(f"model {args.model}, {cfg.task.name} on {args.data}, {METHOD}, {len(examples)} examples "
           f"({targets} target tokens), {args.epochs} epochs, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, {args.device}\n")
