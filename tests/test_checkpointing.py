@@ -181,15 +181,15 @@ def test_caches_that_a_replay_would_write_twice_are_refused(batch):
     checkpoint_blocks(model)
     model.train()
     inputs = method.prepare_inputs(batch["input_ids"], batch["attention_mask"])
-    assert inputs["past_key_values"].stateless and inputs["past_key_values"].get_seq_length() == 3
-    inputs["past_key_values"] = method.prefix_cache(3, stateless=False)  # the generation-time, storing cache
+    assert inputs["cache"].stateless and inputs["cache"].get_seq_length() == 3
+    inputs["cache"] = method.prefix_cache(3, stateless=False)  # the generation-time, storing cache
     with pytest.raises(ValueError, match="a second time"):
         model(**inputs)
     filled = DynamicCache(config=model.config)
     for layer in range(2):
         filled.update(torch.zeros(3, 2, 4, 8), torch.zeros(3, 2, 4, 8), layer)
     with pytest.raises(ValueError, match="DynamicCache a second time"):
-        model(input_ids=batch["input_ids"], past_key_values=filled)
+        model(input_ids=batch["input_ids"], cache=filled)
 
 
 def test_stateless_prefix_cache_stores_nothing():

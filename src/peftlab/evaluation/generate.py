@@ -48,7 +48,7 @@ def greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id
     fed = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -fed.shape[1]:]
     out = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache, logits = out.cache, out.logits[:, -1]
     batch = input_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     eos = torch.tensor(sorted(eos_ids), device=device)
@@ -64,8 +64,8 @@ def greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
         position = position + 1
         out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+                    cache=cache, use_cache=True, logits_to_keep=1)
+        cache, logits = out.cache, out.logits[:, -1]
     tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(batch)]
     return [_cut_at_eos(row, eos_ids) for row in tokens]
 
@@ -83,7 +83,7 @@ def beam_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id: 
     """Beam search through ``model.generate`` on the method's prepared (prefill) inputs."""
     input_ids, attention_mask = left_pad([list(p) for p in prompts], pad_id)
     inputs = method.prepare_inputs(input_ids.to(device), attention_mask.to(device))
-    if "past_key_values" in inputs:
+    if "cache" in inputs:
         # transformers' generate neither expands a prefilled cache per beam nor expects it before input_ids.
         raise ValueError("eval.num_beams > 1 is not supported yet for methods that prefill the KV cache "
                          "(prefix tuning); use eval.num_beams=1")

@@ -29,7 +29,7 @@ prefixes and ``update`` returns ``[prefix ; k]`` without storing, so a replay gi
 ``get_seq_length``/``get_mask_sizes`` still count the n prefix positions. Generation (eval mode or no autograd)
 gets the storing cache, which the decode steps extend. Hugging Face's own checkpointing
 (``model.activation_checkpointing_enable()``, formerly ``gradient_checkpointing_enable()``) is refused: it drops
-the cache inside checkpointed layers (``GradientCheckpointingLayer`` sets ``past_key_values=None``) while the mask
+the cache inside checkpointed layers (``GradientCheckpointingLayer`` sets ``cache=None``) while the mask
 still counts n + T keys.
 """
 
@@ -208,7 +208,8 @@ class PrefixTuningMethod(PeftMethod):
         labels: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """``input_ids`` (B, T), ``attention_mask`` (B, n+T) with n leading ones, labels (B, T) unchanged, and
-        ``past_key_values``: a fresh :class:`PrefixCache` of length n.
+        ``cache``: a fresh :class:`PrefixCache` of length n (the keyword transformers >= 5.24 reads; it was
+        ``past_key_values`` before).
 
         The cache is stateless when the model trains (training mode with autograd on: the only case in which
         :func:`~peftlab.models.arch.checkpoint_blocks` replays blocks), a storing one otherwise, which generation
@@ -224,7 +225,7 @@ class PrefixTuningMethod(PeftMethod):
         out: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": torch.cat([ones, attention_mask], dim=1),
-            "past_key_values": self.prefix_cache(batch, stateless=training),
+            "cache": self.prefix_cache(batch, stateless=training),
         }
         if labels is not None:
             out["labels"] = labels
@@ -272,7 +273,7 @@ def apply_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> PrefixT
     """Freeze ``model`` and register the prefixes as ``model.prefix_encoder``.
 
     Args:
-        model: a Hugging Face causal LM whose attention reads ``past_key_values`` (GPT-2, Llama family).
+        model: a Hugging Face causal LM whose attention reads a KV ``cache`` (GPT-2, Llama family).
         config: the options.
 
     Returns:

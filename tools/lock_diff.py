@@ -1,0 +1,36 @@
+"""Print how the packages installed in this environment differ from a lock file (``make test-latest``).
+
+Usage: ``python tools/lock_diff.py requirements/lock.txt``. Exit status 0 either way: the differences are what
+``make lock`` would adopt once the suite passes on them.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import metadata
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lockfile import canonical, read_lock  # noqa: E402
+
+
+def main(lock_path: str) -> None:
+    locked = read_lock(lock_path)
+    installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    rows = []
+    for name in sorted(set(locked) | set(installed)):
+        want = locked[name].version if name in locked else "-"
+        have = installed.get(name, "-")
+        if want != have and name not in {"pip", "peftlab"}:
+            rows.append((name, want, have))
+    if not rows:
+        print(f"installed packages match {lock_path} exactly")
+        return
+    width = max(len(r[0]) for r in rows)
+    print(f"{len(rows)} package(s) differ from {lock_path} (locked -> installed here):")
+    for name, want, have in rows:
+        print(f"  {name:<{width}}  {want} -> {have}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "requirements/lock.txt")
