@@ -150,6 +150,9 @@ class TrainConfig:
     save_every: int = opt(0, "write a checkpoint every N optimizer steps (0: only at validations and the end)")
     length_bucketing: bool = opt(True, "group examples of similar length into batches (less padding)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    skip_nonfinite: bool = opt(
+        False, "a step whose loss or gradient is NaN/inf: false stops the run with an error naming the step and the "
+        "last good checkpoint; true skips that update (counted as skipped_nonfinite_steps in result.json)")
 
     def validate(self, prefix: str = "train") -> None:
         check(self.lr is None or self.lr > 0, f"{prefix}.lr", "must be > 0")
