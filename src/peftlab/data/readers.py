@@ -69,15 +69,25 @@ def open_split(path: str, split: str, hub_config: str | None = None) -> tuple[Ro
     """
     if path == "demo":
         return _demo_rows(split), f"built-in demo data, split {split!r}"
+    check_data_path(path)
     local = Path(path).expanduser()
     if local.is_dir():
         file = find_split_file(local, split)
         return read_file(file), str(file)
     if local.exists():
         return read_file(local), f"{local} (single file, used as split {split!r})"
-    if not looks_like_hub_name(path):
-        raise DataError(f"data.path {path!r}: no such file or folder (and it is not a hub dataset name)")
     return read_hub(path, split, hub_config)
+
+
+def check_data_path(path: str) -> None:
+    """Refuse a ``data.path`` that is neither ``demo``, an existing local path nor a hub name (run before the model
+    loads, from config validation).
+
+    Raises:
+        DataError: naming the path.
+    """
+    if path != "demo" and not Path(path).expanduser().exists() and not looks_like_hub_name(path):
+        raise DataError(f"data.path {path!r}: no such file or folder (and it is not a hub dataset name)")
 
 
 def looks_like_hub_name(path: str) -> bool:

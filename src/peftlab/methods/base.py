@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab.config import ConfigError
+from peftlab.config import ConfigError, coerce_fields
 
 
 class PeftMethod:
@@ -195,7 +195,7 @@ class MethodSpec:
                 f"unknown option(s) {', '.join('method.' + k for k in unknown)} for method {self.name!r}; "
                 f"valid: {', '.join('method.' + k for k in sorted(valid))}"
             )
-        return self.config_cls(**options)
+        return self.config_cls(**coerce_fields(self.config_cls, options, "method"))
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
