@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from peftlab.durable import fsync_dir, sync_tree
+
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PICKLE_NAME = "adapter_model.bin"
@@ -172,9 +174,11 @@ def atomic_folder(out: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes a private folder; the result is an ordinary one
+        sync_tree(tmp)  # data on disk before the rename makes it visible (see peftlab.durable)
         ensure_free(out)
         if out.is_dir():
             out.rmdir()  # empty (checked): a folder cannot be renamed onto an existing one
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing left after a successful rename

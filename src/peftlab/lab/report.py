@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftlab.durable import atomic_write_bytes, atomic_write_text
 from peftlab.lab.report_render import Block, Heading, Image, Para, Pre, Table, slug, to_html, to_markdown
 from peftlab.lab.table import METRIC_ORDER, format_bytes, format_count
 
@@ -465,13 +466,13 @@ def write_report(results_dir: str | Path, out: str | Path | None = None, split: 
     blocks = build_blocks(root, split)
     out_dir = Path(out) if out is not None else root
     files = out_dir / "report_files"
-    files.mkdir(parents=True, exist_ok=True)
+    # Durable writes, the plots first: a report.md/html that exists is complete and its images are there.
     for block in blocks:
         if isinstance(block, Image):
-            (files / block.name).write_bytes(block.png)
+            atomic_write_bytes(files / block.name, block.png)
     md, page = out_dir / "report.md", out_dir / "report.html"
-    md.write_text(to_markdown(blocks, files.name), encoding="utf-8")
-    page.write_text(to_html(blocks, f"peftlab report: {root.name}"), encoding="utf-8")
+    atomic_write_text(md, to_markdown(blocks, files.name))
+    atomic_write_text(page, to_html(blocks, f"peftlab report: {root.name}"))
     return md, page
 
 

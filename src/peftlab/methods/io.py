@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 import peftlab
+from peftlab.durable import disk_errors, durable_folder
+from peftlab.config import ConfigError, config_from_dict
 from peftlab.methods.base import PeftMethod, get_method
+from peftlab.methods.tensor_file import TensorFileError, byte_budget, load_adapter_tensors, read_header
 from peftlab.models.arch import arch_fingerprint
 
 CONFIG_NAME = "adapter_config.json"
@@ -43,7 +43,7 @@ class AdapterMismatchError(ValueError):
 
 def save_adapter(method: PeftMethod, method_name: str, folder: str | Path, base_model: str,
                  base_fingerprint: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-    """Write ``folder`` atomically (a temporary sibling folder, then a rename). Returns the folder.
+    """Write ``folder`` atomically and durably (:func:`peftlab.durable.durable_folder`). Returns the folder.
 
     ``base_fingerprint`` is ``arch_fingerprint(model)`` taken before the method was applied (a method such as
     last-layer may untie the head, which changes the fingerprint of the modified model).
@@ -60,38 +60,64 @@ def save_adapter(method: PeftMethod, method_name: str, folder: str | Path, base_
         "peftlab_version": peftlab.__version__,
         **(extra or {}),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with disk_errors(folder, "no adapter was written (an earlier one, if any, is intact)"), \
+            durable_folder(folder) as tmp:
         save_file(method.adapter_state_dict(), tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
+# Keys every peftlab adapter_config.json has, with their JSON type (checked on reading: the file may be edited).
+REQUIRED_KEYS: dict[str, type] = {"method": str, "method_config": dict, "base_model": str, "base_fingerprint": dict}
+
+
 def read_adapter_config(folder: str | Path) -> dict[str, Any]:
-    """The adapter's JSON config; a missing or foreign folder raises ``FileNotFoundError``/``ValueError``."""
+    """The adapter's JSON config, checked without loading any model: the config (method, options, task) and the
+    structure of the weight file's header, so a damaged adapter is refused before the base model loads.
+
+    Raises:
+        FileNotFoundError: no such folder, or no config or weight file in it.
+        ValueError: invalid JSON, a foreign format, a missing or wrong-typed key, an unknown method or invalid
+            option (the file and key are named), or a damaged weight file (:class:`TensorFileError`).
+    """
     folder = Path(folder)
-    path = folder / CONFIG_NAME
     if _is_peft_folder(folder):
         from peftlab.interop.import_peft import peft_adapter_config  # interop builds on this module: import late
+        from peftlab.interop.peft_format import peft_weights_path
 
-        return peft_adapter_config(folder)
+        config = peft_adapter_config(folder)
+        read_header(peft_weights_path(folder))
+        return config
+    config = _read_config_file(folder)
+    read_header(folder / WEIGHTS_NAME)
+    return config
+
+
+def _read_config_file(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder}: " + ("is a file, not a folder" if folder.exists()
+                                                                else "no such folder"))
     if not path.exists():
         raise FileNotFoundError(f"{folder}: no {CONFIG_NAME} here; expected a folder written by peftlab train "
                                 f"(<out>/adapter)")
-    config = json.loads(path.read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a peftlab adapter (format={config.get('format')!r})")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TensorFileError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{path}: not a peftlab adapter (format={found!r}, expected {FORMAT!r})")
+    for key, kind in REQUIRED_KEYS.items():
+        if not isinstance(config.get(key), kind):
+            raise TensorFileError(f"{path}: key {key!r} must be a JSON {'string' if kind is str else 'object'}, "
+                                  f"got {config.get(key)!r}")
+    try:
+        get_method(config["method"]).build_config(config["method_config"])
+        if "task" in config:
+            config_from_dict({"task": config["task"]})
+    except ConfigError as exc:
+        raise TensorFileError(f"{path}: {exc}") from None
     return config
 
 
@@ -126,5 +152,9 @@ def load_adapter(model: nn.Module, folder: str | Path) -> tuple[PeftMethod, dict
     check_base(config, model, folder)
     spec = get_method(config["method"])
     method = spec.apply(model, spec.build_config(config["method_config"]))
-    method.load_adapter_state_dict(load_file(folder / WEIGHTS_NAME))
+    params = method.trainable_parameters()
+    # Names, shapes, dtypes and the byte total are checked against the model before any tensor is allocated.
+    state, _ = load_adapter_tensors(folder / WEIGHTS_NAME, {k: tuple(p.shape) for k, p in params.items()},
+                                    byte_budget(params))
+    method.load_adapter_state_dict(state)
     return method, config
