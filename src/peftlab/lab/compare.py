@@ -9,6 +9,9 @@ metrics.jsonl) is ``<results>/<name>/runs/<stem>/``. The grid is safe to interru
 * a run folder holding a checkpoint is resumed from it (``resume=true``);
 * anything else starts fresh.
 
+Result files are written durably (:mod:`peftlab.durable`): one that exists is complete. One invocation at a time
+holds ``<results>/<name>/.lock``; a second is refused at once (a killed one's lock is released by the kernel).
+
 Baselines come first: the base model zero-shot, and lead-3 for summarization (taken from the zero-shot run's
 ``metrics[split]["baselines"]``, which scores it on the same examples). The grid format is described in
 :mod:`peftlab.lab.compare_grid`; ``configs/compare/`` holds examples.
@@ -225,7 +228,7 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
         on_step: passed to :func:`~peftlab.lab.experiment.train_run` (tests interrupt a run with it).
         log: where progress lines go.
     """
-    from peftlab.training.checkpoint import atomic_write_json
+    from peftlab.durable import atomic_write_json
     from peftlab.training.distributed import is_main
 
     statuses = [run_status(r) for r in runs]
@@ -314,7 +317,12 @@ def compare(grid_path: str | Path, overrides: list[str] | None = None, dry_run: 
     if dry_run:
         print(describe_plan(runs))
         return []
-    results = run_grid(runs, command=command)
+    from peftlab.training.distributed import is_main
+    from peftlab.training.run_lock import folder_lock
+
+    # One invocation per results folder: two would train the same runs into the same run folders.
+    with folder_lock(Path(spec.results) / spec.name, "results", enabled=is_main()):
+        results = run_grid(runs, command=command)
     if not results:  # a helper rank of a multi-process launch
         return results
     root = Path(spec.results) / spec.name

@@ -2,7 +2,10 @@
 and ``eval_run`` (the base model zero-shot, or a saved adapter, evaluated on the configured splits).
 
 Nothing already written is overwritten: a run folder that holds a result or a checkpoint is refused unless
-``resume=true`` (which continues the interrupted run it holds).
+``resume=true`` (which continues the interrupted run it holds). A run holds its folder's lock
+(:mod:`peftlab.training.run_lock`) from start to end, so a second process pointed at the same ``out`` is refused at
+once; every file is written durably (:mod:`peftlab.durable`), ``result.json`` last, so a folder with a
+``result.json`` is a finished run.
 
 ``train_run`` also runs under ``torchrun`` / ``accelerate launch`` (see :mod:`peftlab.training.distributed`): every
 rank trains its share of each batch; rank 0 alone writes files and evaluates, the other ranks return ``{}``.
@@ -27,6 +30,7 @@ import torch
 from peftlab.config import ConfigError, RunConfig, TaskConfig, config_from_dict
 from peftlab.data.dataset import load_examples
 from peftlab.data.encode import PromptEncoder
+from peftlab.durable import atomic_write_json
 from peftlab.evaluation.generate import ModelPredictor
 from peftlab.lab import results
 from peftlab.methods import get_method
@@ -35,8 +39,9 @@ from peftlab.methods.io import load_adapter, read_adapter_config, save_adapter
 from peftlab.models.arch import arch_fingerprint, input_embeddings, output_head
 from peftlab.models.loading import load_model_and_tokenizer
 from peftlab.tasks import Example, Task, get_task
-from peftlab.training.checkpoint import atomic_write_json, latest_checkpoint
+from peftlab.training.checkpoint import latest_checkpoint
 from peftlab.training.distributed import DistContext, init_distributed, is_main
+from peftlab.training.run_lock import folder_lock
 from peftlab.training.trainer import Trainer, TrainState
 
 RESULT_NAME = "result.json"
@@ -176,6 +181,13 @@ def train_run(cfg: RunConfig, command: str = "", on_step: Callable[[TrainState],
     """
     started, commit = time.time(), results.git_commit()  # the code that runs is the code at the start
     ctx = init_distributed(cfg.train.device)
+    with folder_lock(cfg.out, "out", enabled=ctx.is_main):
+        return _train_locked(cfg, ctx, command, on_step, started, commit)
+
+
+def _train_locked(cfg: RunConfig, ctx: DistContext, command: str, on_step: Callable[[TrainState], None] | None,
+                  started: float, commit: str | None) -> dict:
+    """:func:`train_run` while holding the run folder's lock (rank 0)."""
     out = Path(cfg.out)
     _check_out_dir(out, cfg.resume)
     results.reset_peak_memory(ctx.device)  # this run's peak, not an earlier run's in the same process (compare)
@@ -207,7 +219,7 @@ def train_run(cfg: RunConfig, command: str = "", on_step: Callable[[TrainState],
     if not ctx.is_main:
         return {}
     info = {"lr": lr, "steps": state.step, "epochs_completed": epochs, "train_examples": len(train),
-            "world_size": ctx.world_size}
+            "world_size": ctx.world_size, "skipped_nonfinite_steps": state.skipped_steps}
     return _finish_train(cfg, setup, state, info, out, command, started, commit)
 
 
@@ -272,6 +284,12 @@ def eval_run(cfg: RunConfig, command: str = "") -> dict:
     """
     if not is_main():
         return {}
+    with folder_lock(cfg.out, "out"):
+        return _eval_locked(cfg, command)
+
+
+def _eval_locked(cfg: RunConfig, command: str) -> dict:
+    """:func:`eval_run` while holding the output folder's lock."""
     started, commit = time.time(), results.git_commit()  # the code that runs is the code at the start
     out = Path(cfg.out)
     _check_out_dir(out, resume=False)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from peftlab.config import TrainConfig
 from peftlab.data.batching import collate, length_bucketed_batches
 from peftlab.data.encode import EncodedExample
+from peftlab.durable import DiskWriteError, is_disk_error
 from peftlab.methods.base import PeftMethod
 from peftlab.models.arch import checkpoint_blocks, output_head, transformer_blocks
 from peftlab.training import distributed as D
@@ -62,10 +63,23 @@ class TrainState:
     epoch_seconds: list[float] = field(default_factory=list)
     trunk_cache: bool = False  # train.cache_frozen_trunk was in effect (the trunk ran once per example)
     trunk_cache_bytes: int = 0  # bytes of cached trunk features at the end of fit(), summed over processes
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss/gradient (train.skip_nonfinite)
 
 
 class Interrupt(Exception):
     """Raised by a step callback to stop training abruptly (used to test resume)."""
+
+
+class NonFiniteError(ValueError):
+    """A step's loss or gradient is NaN/inf; the message names the step and the last good checkpoint."""
+
+
+class TrainingOutOfMemoryError(ValueError):
+    """A training batch did not fit in memory; the message names the batch shape and what to lower."""
+
+
+OOM_ERRORS = (torch.OutOfMemoryError, MemoryError)
+OOM_TEXTS = ("out of memory", "can't allocate memory", "failed to allocate")  # CUDA, CPU allocator, MPS/XPU
 
 
 class Trainer:
@@ -182,12 +196,32 @@ class Trainer:
     def fit(self) -> TrainState:
         """Train to ``total_steps`` (or early stop), then restore the best validated weights."""
         if self.state.step == 0 and self.dist.is_main:
-            self.log.truncate_after(0)
-        stream = self._micro_batches()
+            self.log.truncate_to(0)  # records of an earlier attempt that was killed before its first checkpoint
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True,
                    mininterval=1.0, disable=not self.dist.is_main)
         self.model.train()
         self.state.trunk_cache = self.trunk_cache is not None
+        try:
+            self._loop(bar)
+        except OSError as exc:
+            if not is_disk_error(exc):
+                raise
+            raise DiskWriteError(
+                f"could not write {exc.filename or self.out_dir}: {exc.strerror or exc}; "
+                f"{self._last_good()} (resume=true continues from it once the disk has space and is writable)"
+            ) from exc
+        finally:
+            bar.close()
+        if self.trunk_cache is not None:
+            self.state.trunk_cache_bytes = int(self.dist.sum_floats([float(self.trunk_cache.nbytes)])[0])
+        if self.best_weights is not None:
+            self.method.load_adapter_state_dict(self.best_weights)
+        self.model.eval()
+        return self.state
+
+    def _loop(self, bar: tqdm) -> None:
+        """The steps from the current position to ``total_steps`` (or an early stop)."""
+        stream = self._micro_batches()
         while self.state.step < self.total_steps and not self.state.stopped_early:
             t0 = time.perf_counter()
             micro = [next(stream) for _ in range(self.cfg.grad_accum)]
@@ -205,13 +239,13 @@ class Trainer:
             self._maybe_validate_and_save()
             if self.on_step is not None:
                 self.on_step(self.state)
-        bar.close()
-        if self.trunk_cache is not None:
-            self.state.trunk_cache_bytes = int(self.dist.sum_floats([float(self.trunk_cache.nbytes)])[0])
-        if self.best_weights is not None:
-            self.method.load_adapter_state_dict(self.best_weights)
-        self.model.eval()
-        return self.state
+
+    def _last_good(self) -> str:
+        """Where the last good checkpoint is, for error messages (the run stopped before touching it)."""
+        folder = latest_checkpoint(self.out_dir)
+        if folder is None:
+            return f"there is no checkpoint in {self.out_dir} yet"
+        return f"the last good checkpoint {folder} is intact"
 
     def _train_step(self, micro: list[list[int]]) -> tuple[float, int]:
         """One optimizer step over the GLOBAL micro-batches ``micro``; returns (summed loss, target tokens) of the
@@ -227,10 +261,23 @@ class Trainer:
         for k, indices in enumerate(micro):
             batch, weight, rows = self._local_batch(self.train_data, indices)
             D.set_gradient_sync(self.sharded_blocks, k == len(micro) - 1)  # FSDP reduces once, after the last
-            loss_sum, _ = self._forward_loss(batch, rows)
-            (loss_sum / max(step_targets, 1) if weight else loss_sum * 0.0).backward()
+            try:
+                loss_sum, _ = self._forward_loss(batch, rows)
+                (loss_sum / max(step_targets, 1) if weight else loss_sum * 0.0).backward()
+            except (*OOM_ERRORS, RuntimeError) as exc:
+                self._raise_if_oom(exc, batch["input_ids"].shape)
+                raise
             local_loss += weight * float(loss_sum.detach())
         step_loss = self.dist.reduce_step(list(self.params.values()), local_loss)
+        if not self._finite(step_loss):
+            if not self.cfg.skip_nonfinite:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteError(
+                    f"train: step {self.state.step + 1}: the loss ({step_loss}) or a gradient is NaN/inf; stopped "
+                    f"before the optimizer step, so no weight took it, and {self._last_good()} (resume=true "
+                    f"continues from it). Lower train.lr, keep train.max_grad_norm set, check this step's data, or "
+                    f"set train.skip_nonfinite=true to skip such updates")
+            return self._skip_update()
         if self.cfg.max_grad_norm is not None:
             if self.sharded:
                 D.clip_grad_norm(list(self.params.values()), self.cfg.max_grad_norm, self.dist)
@@ -240,6 +287,40 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss, step_targets
+
+    def _finite(self, step_loss: float) -> bool:
+        """Whether the step's loss and every gradient are finite, agreed by all processes (FSDP shards differ)."""
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        # Max-abs per tensor (no squares that could overflow a large but finite gradient), one device sync.
+        peak = torch.stack(torch._foreach_norm(grads, float("inf"))).max() if grads else torch.tensor(0.0)
+        bad = float(not math.isfinite(step_loss) or not bool(torch.isfinite(peak)))
+        if self.sharded:
+            bad = self.dist.sum_floats([bad])[0]
+        return bad == 0
+
+    def _skip_update(self) -> tuple[float, int]:
+        """train.skip_nonfinite: drop this step's gradients; the step still counts (the schedule and the batch
+        stream stay where an uninterrupted count puts them), but adds no loss or target tokens."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state.skipped_steps += 1
+        self._append_log({"step": self.state.step + 1, "split": "train", "event": "skipped_nonfinite"})
+        return 0.0, 0
+
+    def _raise_if_oom(self, exc: BaseException, shape: torch.Size) -> None:
+        """Re-raise an out-of-memory error as :class:`TrainingOutOfMemoryError` saying what to lower."""
+        if not isinstance(exc, OOM_ERRORS) and not any(t in str(exc).lower() for t in OOM_TEXTS):
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        rows, length = shape[0], shape[-1]
+        effective = self.cfg.batch_size * self.cfg.grad_accum
+        raise TrainingOutOfMemoryError(
+            f"train: out of memory at step {self.state.step + 1} on a micro-batch of {rows} sequence(s) of "
+            f"{length} tokens (train.batch_size={self.cfg.batch_size}, train.grad_accum={self.cfg.grad_accum}) on "
+            f"{self.device}: lower train.batch_size (and raise train.grad_accum to keep the effective batch of "
+            f"{effective}), lower task.max_source_tokens / task.max_target_tokens, or set "
+            f"train.gradient_checkpointing=true; {self._last_good()}") from exc
 
     def _advance(self, micro: list[tuple[int, int, list[int]]], seconds: float) -> None:
         """Count the step and move the stream position past its micro-batches."""
@@ -323,8 +404,10 @@ class Trainer:
             trainer_state["rng_per_rank"] = self.dist.gather_objects(torch.get_rng_state())
         weights = self.full_weights()
         if self.dist.is_main:
+            # The log is fsynced first, so the length recorded is on disk whenever the checkpoint is.
             save_checkpoint(self.out_dir, self.state.step, weights, best, trainer_state,
-                            {"train_state": asdict(self.state), "world_size": self.dist.world_size})
+                            {"train_state": asdict(self.state), "world_size": self.dist.world_size,
+                             "metrics_bytes": self.log.sync()})
         self.dist.barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
         return self.out_dir / "checkpoints" / f"step-{self.state.step:07d}"
 
@@ -349,6 +432,8 @@ class Trainer:
         same_world = per_rank is not None and len(per_rank) == self.dist.world_size
         torch.set_rng_state(per_rank[self.dist.rank] if same_world else trainer_state["rng"])
         self.state = TrainState(**state["train_state"])
-        if self.dist.is_main:
+        if self.dist.is_main and "metrics_bytes" in state:
+            self.log.truncate_to(state["metrics_bytes"])
+        elif self.dist.is_main:
             self.log.truncate_after(self.state.step)
         return True
