@@ -49,6 +49,7 @@ from peftlab.interop.peft_format import (
 )
 from peftlab.methods.base import PeftMethod, get_method
 from peftlab.methods.io import AdapterMismatchError, save_adapter
+from peftlab.methods.tensor_file import byte_budget
 from peftlab.models.arch import arch_fingerprint, resolve_targets, transformer_blocks
 from peftlab.models.loading import load_model_and_tokenizer
 
@@ -285,7 +286,6 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> tuple[PeftMethod,
     """
     folder = Path(folder)
     record = peft_adapter_config(folder)
-    state, _ = read_peft_weights(folder)
     method_name, options = record["method"], record["method_config"]
     made_for = record["base_model"]
     if method_name in ("prompt-tuning", "prefix-tuning"):
@@ -298,6 +298,8 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> tuple[PeftMethod,
     except ConfigError as exc:
         raise AdapterMismatchError(f"PEFT adapter {folder} (made for {made_for!r}) does not fit this base model: "
                                    f"{exc}") from exc
+    # The header is checked against what the applied method can hold before any tensor is read.
+    state, _ = read_peft_weights(folder, byte_budget(method.trainable_parameters()))
     if method_name == "lora":
         state = _lora_state(record["peft_config"], state, folder / PEFT_CONFIG_NAME)
     check_weights(method, state, folder, made_for)

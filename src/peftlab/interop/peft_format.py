@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from peftlab.durable import fsync_dir, sync_tree
+from peftlab.methods.tensor_file import load_adapter_tensors
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -82,8 +82,8 @@ def read_peft_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
-def read_peft_weights(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The adapter tensors with PEFT's ``base_model.model.`` prefix removed, and the file's metadata.
+def peft_weights_path(folder: str | Path) -> Path:
+    """The folder's ``adapter_model.safetensors``.
 
     Raises:
         PeftFormatError: only the pickled ``adapter_model.bin`` is there (peftlab never unpickles), or nothing is.
@@ -96,12 +96,23 @@ def read_peft_weights(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict
                 f"{folder}: holds {PEFT_PICKLE_NAME} (a pickle) but no {PEFT_WEIGHTS_NAME}; peftlab reads safetensors "
                 f"only: re-save it with PEFT's save_pretrained(..., safe_serialization=True)")
         raise PeftFormatError(f"{folder}: no {PEFT_WEIGHTS_NAME} next to {PEFT_CONFIG_NAME}")
-    state: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-        for key in handle.keys():  # noqa: SIM118  (safe_open handles are not mappings)
-            state[key.removeprefix(PEFT_KEY_PREFIX)] = handle.get_tensor(key)
-    return state, metadata
+    return path
+
+
+def read_peft_weights(folder: str | Path, max_bytes: int | None = None) -> tuple[dict[str, torch.Tensor],
+                                                                                  dict[str, str]]:
+    """The adapter tensors with PEFT's ``base_model.model.`` prefix removed, and the file's metadata.
+
+    Args:
+        folder: the PEFT adapter folder.
+        max_bytes: refuse a file declaring more tensor bytes (checked on the header, before reading).
+
+    Raises:
+        PeftFormatError: no safetensors file (see :func:`peft_weights_path`).
+        TensorFileError: a damaged file, non-float tensors or more than ``max_bytes``.
+    """
+    state, metadata = load_adapter_tensors(peft_weights_path(folder), max_bytes=max_bytes)
+    return {key.removeprefix(PEFT_KEY_PREFIX): value for key, value in state.items()}, metadata
 
 
 def peft_list_match(module: str, item: str) -> bool:

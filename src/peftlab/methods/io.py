@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import peftlab
-from peftlab.durable import disk_errors, durable_folder
 from peftlab.config import ConfigError, config_from_dict
+from peftlab.durable import disk_errors, durable_folder
 from peftlab.methods.base import PeftMethod, get_method
 from peftlab.methods.tensor_file import TensorFileError, byte_budget, load_adapter_tensors, read_header
 from peftlab.models.arch import arch_fingerprint
