@@ -10,16 +10,17 @@ Greedy decoding uses this loop; beam search goes through ``model.generate`` on t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from peftlab.data.batching import collate, left_pad
-from peftlab.data.encode import EncodedExample, PromptEncoder
+from peftlab.data.batching import left_pad
+from peftlab.data.encode import PromptEncoder
 from peftlab.methods.base import PeftMethod
 from peftlab.tasks.base import Example
-from peftlab.training.loss import IGNORE_INDEX, sequence_log_probs
 
 
 def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
@@ -33,27 +34,50 @@ def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
     return ids
 
 
-@torch.no_grad()
-def greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id: int, eos_ids: set[int],
-                    max_new_tokens: int, device: torch.device) -> list[list[int]]:
-    """Greedy continuations of a batch of prompts (token ids), each cut at its first eos (excluded).
+@dataclass
+class Prefilled:
+    """A batch of left-padded prompts after one forward pass with a KV cache: what decoding and scoring continue.
 
-    Shapes: prompts left-padded to (B, T); prefill (B, n+T) with n virtual tokens; each decode step (B, 1).
+    ``attention_mask`` covers everything in the cache (virtual tokens and padding included): (B, S); ``position``
+    is each row's last position id (B, 1); ``logits`` are those of the last prompt position (B, V).
     """
-    model = method.model
+
+    cache: Any
+    logits: torch.Tensor
+    attention_mask: torch.Tensor
+    position: torch.Tensor
+
+
+def prefill(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> Prefilled:
+    """Run the prompts once through the model with the method's ``prepare_inputs`` (soft prompts, prefixes).
+
+    Shapes: prompts left-padded to (B, T); the fed sequence is (B, n+T) with n virtual tokens (prompt tuning) or
+    (B, T) with n prefix positions already in the cache (prefix tuning); only the last position reaches the head.
+    """
     input_ids, attention_mask = left_pad([list(p) for p in prompts], pad_id)
     inputs = method.prepare_inputs(input_ids.to(device), attention_mask.to(device))
     attention_mask = inputs["attention_mask"]
     # The mask may be longer than the fed sequence: prefix tuning's n virtual positions sit in the cache, not in it.
     fed = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -fed.shape[1]:]
-    out = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-    cache, logits = out.cache, out.logits[:, -1]
-    batch = input_ids.shape[0]
+    out = method.model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    return Prefilled(out.cache, out.logits[:, -1], attention_mask, position_ids[:, -1:])
+
+
+@torch.no_grad()
+def greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id: int, eos_ids: set[int],
+                    max_new_tokens: int, device: torch.device) -> list[list[int]]:
+    """Greedy continuations of a batch of prompts (token ids), each cut at its first eos (excluded).
+
+    Shapes: prompts left-padded to (B, T); prefill as :func:`prefill`; each decode step (B, 1).
+    """
+    model = method.model
+    state = prefill(method, prompts, pad_id, device)
+    cache, logits, attention_mask, position = state.cache, state.logits, state.attention_mask, state.position
+    batch = len(prompts)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     eos = torch.tensor(sorted(eos_ids), device=device)
     generated: list[torch.Tensor] = []
-    position = position_ids[:, -1:]
     for _ in range(max_new_tokens):
         next_token = logits.argmax(-1)  # (B,)
         next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
@@ -68,6 +92,37 @@ def greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id
         cache, logits = out.cache, out.logits[:, -1]
     tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(batch)]
     return [_cut_at_eos(row, eos_ids) for row in tokens]
+
+
+@torch.no_grad()
+def score_continuations(method: PeftMethod, prompts: Sequence[Sequence[int]], choices: Sequence[Sequence[int]],
+                        pad_id: int, device: torch.device) -> torch.Tensor:
+    """Summed log-probability of every choice (token ids) after every prompt: (B, C), in float32.
+
+    One forward pass over the prompts (:func:`prefill`) gives each choice's first token; a choice of L tokens then
+    feeds its first L - 1 tokens on top of the prompts' KV cache, (B, L - 1), and the cache is cropped back to the
+    prompts before the next choice. So a prompt of T tokens costs T + sum(L - 1) positions instead of C * (T + L)
+    with one sequence per (prompt, choice) pair.
+    """
+    state = prefill(method, prompts, pad_id, device)
+    first = torch.log_softmax(state.logits.float(), dim=-1)  # (B, V)
+    batch = len(prompts)
+    scores = torch.empty(batch, len(choices), device=device)
+    for j, choice in enumerate(choices):
+        scores[:, j] = first[:, choice[0]]
+        if len(choice) == 1:
+            continue
+        rest = len(choice) - 1
+        feed = torch.tensor(choice[:-1], device=device).expand(batch, rest)  # (B, L-1)
+        mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(batch, rest)], dim=1)
+        positions = state.position + torch.arange(1, rest + 1, device=device)  # (B, L-1)
+        out = method.model(input_ids=feed, attention_mask=mask, position_ids=positions, cache=state.cache,
+                           use_cache=True)
+        logp = torch.log_softmax(out.logits.float(), dim=-1)  # (B, L-1, V)
+        targets = torch.tensor(choice[1:], device=device).expand(batch, rest)
+        scores[:, j] += logp.gather(-1, targets[..., None]).squeeze(-1).sum(-1)
+        state.cache.crop(-rest)  # drop the choice's keys again: the cache holds the prompts only
+    return scores
 
 
 def _cut_at_eos(row: list[int], eos_ids: set[int]) -> list[int]:
@@ -138,26 +193,23 @@ class ModelPredictor:
 
     @torch.no_grad()
     def score_choices(self, examples: Sequence[Example], choices: Sequence[str]) -> list[list[float]]:
-        """Summed log-probability of each choice (its tokens plus eos, as trained) after each prompt: (N, C)."""
-        choice_ids = [self.encoder.target_ids(c) for c in choices]
-        pairs = []
-        for e in examples:
-            prompt = self.encoder.prompt_ids(e)
-            for c in choice_ids:
-                pairs.append(EncodedExample(input_ids=prompt + c, labels=[IGNORE_INDEX] * len(prompt) + c))
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids))
-        scores = [0.0] * len(pairs)
+        """Summed log-probability of each choice (its tokens plus eos, as trained) after each prompt: (N, C).
+
+        Each prompt runs through the model once for all choices (:func:`score_continuations`).
+        """
+        choice_ids = self.encoder.encode_targets(list(choices))
+        prompts = self.encoder.encode_prompts(list(examples))
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        scores: list[list[float]] = [[] for _ in prompts]
         was_training = self.method.model.training
         self.method.model.eval()
         for start in tqdm(range(0, len(order), self.batch_size), desc="score labels", unit="batch", leave=False,
                           mininterval=2.0):
             idx = order[start:start + self.batch_size]
-            batch = {k: v.to(self.device) for k, v in collate([pairs[i] for i in idx], self.pad_id).items()}
-            inputs = self.method.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                logp = sequence_log_probs(self.method.model, inputs)
-            for i, value in zip(idx, logp.tolist(), strict=True):
-                scores[i] = value
+                rows = score_continuations(self.method, [prompts[i] for i in idx], choice_ids, self.pad_id,
+                                           self.device)
+            for i, row in zip(idx, rows.tolist(), strict=True):
+                scores[i] = row
         self.method.model.train(was_training)
-        n = len(choices)
-        return [scores[k * n:(k + 1) * n] for k in range(len(examples))]
+        return scores
