@@ -127,7 +127,7 @@ BAD_FILES = [  # (file, content, expected message; {path} is the file's path)
     ("train.jsonl", b'{"id": 1}\n{"id": "x", "article": \n', r"{path}:2: not valid JSON"),
     ("train.jsonl", b'{"id": 1}\n\n["a", "list"]\n', r"{path}:3: expected one JSON object .* got an array"),
     ("train.jsonl", b'{"id": 1}\n{"article": "caf\xe9"}\n', r"{path}:2: not valid UTF-8"),
-    ("train.jsonl.gz", b"this is not gzip at all", r"{path}: cannot read as gzip-compressed JSONL"),
+    ("train.jsonl.gz", b"this is not gzip at all", r"{path}: not gzip data"),
     ("train.jsonl.gz", TRUNCATED_GZ, r"{path}: cannot read as gzip-compressed JSONL \(after line \d+\)"),
     ("train.csv", b"id,article,summary\nr1,a,s\nr2,x\n", r"{path}:3: 2 fields, but the header \(line 1\) has 3"),
     ("train.parquet", b"PAR1 not really", r"{path}: not a readable Parquet file"),  # pyarrow: a test dependency

@@ -21,7 +21,6 @@ import csv
 import gzip
 import json
 import random
-import sys
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -152,13 +151,51 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def _parse_json_line(raw: bytes, path: Path, line: int) -> Row:
+# A longer line is refused after reading this much of it (never the whole line): records of real datasets are far
+# smaller (CNN/DailyMail's longest article is under 100 KB), so such a line is a wrong file or a missing newline.
+MAX_LINE_BYTES = 32 * 2**20
+# The first bytes of compressed or binary formats, to name what a mislabelled file really is.
+MAGIC = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\x28\xb5\x2f\xfd": "zstd",
+         b"\xfd7zXZ": "xz", b"PAR1": "Parquet"}
+
+
+def _sniff(path: Path, expect_gzip: bool) -> None:
+    """Refuse an empty file, a ``.gz`` that is not gzip, and compressed/binary data in a text file, by name."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if not head:
+        raise DataError(f"{path}: the file is empty (0 bytes)")
+    kind = next((name for magic, name in MAGIC.items() if head.startswith(magic)), None)
+    if expect_gzip and kind != "gzip":
+        hint = f"it holds {kind} data" if kind else "if it is plain JSONL, name it .jsonl"
+        raise DataError(f"{path}: not gzip data (it starts with {head[:4]!r}); {hint}")
+    if not expect_gzip and kind is not None:
+        hint = "; name it .jsonl.gz" if kind == "gzip" else f"; convert it to {', '.join(SPLIT_SUFFIXES)}"
+        raise DataError(f"{path}: holds {kind} data, not text{hint}")
+
+
+def _bounded_lines(fh: Any, path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw bytes)`` of a binary file; a line over :data:`MAX_LINE_BYTES` raises ``DataError``."""
+    line = 0
+    while raw := fh.readline(MAX_LINE_BYTES + 1):
+        line += 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise DataError(f"{path}:{line}: line longer than {MAX_LINE_BYTES} bytes (the limit); expected one record "
+                            "per line")
+        yield line, raw
+
+
+def _decode_line(raw: bytes, path: Path, line: int) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start} of the line)") from None
-    if line == 1:
-        text = text.lstrip("\ufeff")  # a byte-order mark some editors write
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start} of the line, "
+                        f"{raw[exc.start:exc.start + 4]!r}); save the file as UTF-8") from None
+    return text.lstrip("\ufeff") if line == 1 else text  # a byte-order mark some editors write
+
+
+def _parse_json_line(raw: bytes, path: Path, line: int) -> Row:
+    text = _decode_line(raw, path, line)
     try:
         row = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -170,11 +207,12 @@ def _parse_json_line(raw: bytes, path: Path, line: int) -> Row:
 
 def _read_jsonl(path: Path, compressed: bool) -> RowIter:
     kind = "gzip-compressed JSONL" if compressed else "JSONL"
+    _sniff(path, compressed)
     line = 0
     try:
         # Binary lines, decoded one by one, so a decoding error names its exact line.
         with (gzip.open(path, "rb") if compressed else open(path, "rb")) as fh:
-            for line, raw in enumerate(fh, start=1):
+            for line, raw in _bounded_lines(fh, path):
                 if raw.strip():
                     yield _parse_json_line(raw, path, line), f"{path}:{line}"
     except (OSError, EOFError, zlib.error) as exc:
@@ -183,12 +221,13 @@ def _read_jsonl(path: Path, compressed: bool) -> RowIter:
 
 
 def _read_csv(path: Path) -> RowIter:
-    # Articles can exceed csv's default 128 KiB field limit; the limit is process-wide, raising it is harmless.
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    # A field may span lines, so the field size is bounded as well as each line.
+    csv.field_size_limit(MAX_LINE_BYTES)
+    _sniff(path, expect_gzip=False)
     line = 0
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
+        with open(path, "rb") as fh:
+            reader = csv.reader(_decode_line(raw, path, n) for n, raw in _bounded_lines(fh, path))
             header = next(reader, None)
             if header is None:
                 return
@@ -202,8 +241,6 @@ def _read_csv(path: Path) -> RowIter:
                     raise DataError(f"{path}:{start}: {len(record)} fields, but the header (line 1) has "
                                     f"{len(header)}: {', '.join(header)}")
                 yield dict(zip(header, record, strict=True)), f"{path}:{start}"
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 text ({exc.reason}); is it really a CSV file?") from None
     except csv.Error as exc:
         raise DataError(f"{path}:{line + 1}: malformed CSV: {exc}") from None
     except OSError as exc:
