@@ -19,6 +19,7 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from peftlab.config import ConfigError, RunConfig, describe_fields, load_config, split_args
 
@@ -99,8 +100,16 @@ def _command_line() -> str:
     return "peftlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with each usage error as one line naming the argument; the usage is one ``--help`` away.
+    Subcommand parsers inherit the class (``add_subparsers`` uses the parent's)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning lab.",
+    parser = OneLineParser(prog="peftlab", description="Parameter-efficient fine-tuning lab.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, text in (
@@ -141,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"peftlab: config error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as exc:
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        # User errors: bad values, files or paths; the message names the key or file and what is expected.
         print(f"peftlab: error: {exc}", file=sys.stderr)
         return 2
 

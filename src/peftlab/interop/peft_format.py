@@ -70,12 +70,16 @@ def read_peft_config(folder: str | Path) -> dict[str, Any]:
     """PEFT's ``adapter_config.json`` as a dict.
 
     Raises:
+        FileNotFoundError: there is no ``adapter_config.json``.
         PeftFormatError: the file is not JSON or has no ``peft_type``.
     """
     path = Path(folder) / PEFT_CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {PEFT_CONFIG_NAME} here; expected a PEFT adapter folder "
+                                "(PeftModel.save_pretrained)")
     try:
-        config = json.loads(path.read_text())
-    except ValueError as exc:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise PeftFormatError(f"{path}: not valid JSON: {exc}") from exc
     if not isinstance(config, dict) or "peft_type" not in config:
         raise PeftFormatError(f"{path}: not a PEFT adapter config (no 'peft_type' key)")

@@ -22,12 +22,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
 from torch import nn
 
 import peftlab
 from peftlab.config import ConfigError, config_from_dict
-from peftlab.durable import disk_errors, durable_folder
+from peftlab.durable import disk_errors, durable_folder, save_tensors
 from peftlab.methods.base import PeftMethod, get_method
 from peftlab.methods.tensor_file import TensorFileError, byte_budget, load_adapter_tensors, read_header
 from peftlab.models.arch import arch_fingerprint
@@ -62,7 +61,7 @@ def save_adapter(method: PeftMethod, method_name: str, folder: str | Path, base_
     }
     with disk_errors(folder, "no adapter was written (an earlier one, if any, is intact)"), \
             durable_folder(folder) as tmp:
-        save_file(method.adapter_state_dict(), tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
+        save_tensors(method.adapter_state_dict(), tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
     return folder
 
@@ -152,9 +151,13 @@ def load_adapter(model: nn.Module, folder: str | Path) -> tuple[PeftMethod, dict
     check_base(config, model, folder)
     spec = get_method(config["method"])
     method = spec.apply(model, spec.build_config(config["method_config"]))
-    params = method.trainable_parameters()
-    # Names, shapes, dtypes and the byte total are checked against the model before any tensor is allocated.
-    state, _ = load_adapter_tensors(folder / WEIGHTS_NAME, {k: tuple(p.shape) for k, p in params.items()},
-                                    byte_budget(params))
-    method.load_adapter_state_dict(state)
+    path = folder / WEIGHTS_NAME
+    # Dtypes and the byte total are checked against what this method can hold before any tensor is allocated (the
+    # saved layout may differ from the trainable one: folded prefix tuning), then names and shapes by the method.
+    budget = byte_budget({**method.trainable_parameters(), **method.adapter_state_dict()})
+    state, _ = load_adapter_tensors(path, budget)
+    try:
+        method.load_adapter_state_dict(state)
+    except ValueError as exc:
+        raise TensorFileError(f"{path}: {exc}") from None
     return method, config

@@ -10,8 +10,8 @@ or built to make us allocate terabytes. A safetensors file is::
 
 :func:`read_header` checks that this structure is consistent with the file's size (every byte range inside the
 file, every range exactly dtype size x prod(shape) long); :func:`load_adapter_tensors` adds the checks against what
-the model can hold (floating-point dtypes, names and shapes, a byte budget) and only then lets safetensors read the
-data. Every adapter and PEFT load path goes through it; nothing here unpickles.
+the model can hold (floating-point dtypes, a byte budget from its trainable set) and only then lets safetensors read
+the data. Every adapter and PEFT load path goes through it; nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -122,19 +122,12 @@ def _check_layout(entries: Mapping[str, TensorEntry], offsets: Mapping[str, list
         raise TensorFileError(f"{path}: {buffer - end} bytes after the last tensor; the file is damaged")
 
 
-def check_fits(entries: Mapping[str, TensorEntry], path: Path, expected: Mapping[str, tuple[int, ...]] | None,
-               max_bytes: int | None) -> None:
-    """The declared tensors against what the model can take, before any of them is read.
-
-    Args:
-        entries: from :func:`read_header`.
-        path: the file, for messages.
-        expected: name -> shape the model needs; None skips the name and shape check (PEFT files are converted
-            after loading, and their own check names the keys then).
-        max_bytes: refuse a file declaring more tensor bytes than this (None: no budget).
+def check_fits(entries: Mapping[str, TensorEntry], path: Path, max_bytes: int | None) -> None:
+    """The declared tensors against what the model can take, before any of them is read. Names and shapes are the
+    method's to check (``load_adapter_state_dict``; prefix tuning takes two layouts), once the bytes are bounded.
 
     Raises:
-        TensorFileError: a non-float dtype, a total over ``max_bytes``, or missing / extra / mis-shaped tensors.
+        TensorFileError: a non-float dtype, or a total over ``max_bytes`` (None: no budget).
     """
     not_float = [f"{n} ({e.dtype})" for n, e in entries.items() if e.dtype not in FLOAT_DTYPES]
     if not_float:
@@ -144,22 +137,10 @@ def check_fits(entries: Mapping[str, TensorEntry], path: Path, expected: Mapping
     if max_bytes is not None and total > max_bytes:
         raise TensorFileError(f"{path}: declares {total} bytes of tensors, more than this model's adapter can hold "
                               f"({max_bytes} bytes); refused before reading")
-    if expected is None:
-        return
-    missing, extra = sorted(set(expected) - set(entries)), sorted(set(entries) - set(expected))
-    shapes = [f"{n}: file {entries[n].shape} vs model {tuple(expected[n])}"
-              for n in sorted(set(entries) & set(expected)) if entries[n].shape != tuple(expected[n])]
-    problems = [f"{what} {names[:3]}{' ...' if len(names) > 3 else ''}"
-                for what, names in (("missing", missing), ("unexpected", extra)) if names]
-    if shapes:
-        problems.append("shape mismatch " + "; ".join(shapes[:3]))
-    if problems:
-        raise TensorFileError(f"{path}: the tensors do not fit this model's adapter ({len(expected)} expected): "
-                              + "; ".join(problems))
 
 
-def load_adapter_tensors(path: str | Path, expected: Mapping[str, tuple[int, ...]] | None = None,
-                         max_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_adapter_tensors(path: str | Path, max_bytes: int | None = None) -> tuple[dict[str, torch.Tensor],
+                                                                                  dict[str, str]]:
     """Every tensor of an adapter weight file and its metadata, read only after :func:`read_header` and
     :func:`check_fits` passed.
 
@@ -170,7 +151,7 @@ def load_adapter_tensors(path: str | Path, expected: Mapping[str, tuple[int, ...
     """
     path = Path(path)
     entries, metadata = read_header(path)
-    check_fits(entries, path, expected, max_bytes)
+    check_fits(entries, path, max_bytes)
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {name: handle.get_tensor(name) for name in entries}, metadata
