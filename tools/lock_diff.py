@@ -1,7 +1,7 @@
 """Print how the packages installed in this environment differ from a lock file (``make test-latest``).
 
-Usage: ``python tools/lock_diff.py requirements/lock.txt``. Exit status 0 either way: the differences are what
-``make lock`` would adopt once the suite passes on them.
+Usage: ``python tools/lock_diff.py requirements/lock.txt [requirements/model.txt ...]``. Exit status 0 either way:
+the differences are what ``make lock`` would adopt once the suite passes on them.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lockfile import canonical, read_lock  # noqa: E402
 
 
-def main(lock_path: str) -> None:
-    locked = read_lock(lock_path)
+def main(lock_paths: list[str]) -> None:
+    locked = {name: pin for path in lock_paths for name, pin in read_lock(path).items()}
+    lock_path = " + ".join(lock_paths)
     installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
     rows = []
     for name in sorted(set(locked) | set(installed)):
@@ -33,4 +34,4 @@ def main(lock_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "requirements/lock.txt")
+    main(sys.argv[1:] or ["requirements/lock.txt", "requirements/model.txt"])
