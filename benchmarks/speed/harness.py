@@ -1,11 +1,14 @@
-"""Training-speed benchmark: peftlab (a) against PEFT + ``transformers.Trainer`` with dynamic padding (b) and the
-course reports' recipe, padding to ``max_length`` (c), on the same model, data, batch size, sequence lengths,
-precision and machine, in one invocation, each run in its own process.
+"""Training-speed benchmark: peftlab (a) against PEFT + ``transformers.Trainer`` with dynamic padding (b), the same
+Trainer set up by an expert to apply the head on labelled positions only (b'), and the course reports' recipe,
+padding to ``max_length`` (c), on the same model, data, batch size, sequence lengths, precision and machine, in one
+invocation, each run in its own fresh process.
 
-For every workload and method the harness runs the three workers one after the other (``--repeats`` times,
-interleaved a, b, c, a, b, c, ...), measures the matmul ceiling before and after all runs, and prints tokens/s
-(real, non-pad tokens), peak memory, the ratios a/b and a/c, and where the FLOPs go (useful and executed GFLOP/s
-against the ceiling). ``--out`` gets every worker record plus the summary as JSON.
+For every workload and method the harness runs the workers ``--repeats`` times (default 3) in rotated order: repeat
+r starts at variant r mod k (a b b' c, then b b' c a, ...), so no variant always runs first on a cold machine or
+last on a hot one. It measures the matmul ceiling before and after all runs and prints, per variant, the median
+tok/s (real, non-pad tokens) with its min-max range, the median seconds per step, the median peak memory, every
+ratio against (b) and (b') both per repeat and as their median, and where the FLOPs go (useful and executed
+GFLOP/s against the ceiling). ``--out`` gets every worker record (per-step times included) plus the summary as JSON.
 
 The data are prepared once here: the same N examples (seeded sample) of each workload, tokenized with peftlab's
 ``PromptEncoder`` (template, truncation, target-only labels), in peftlab's batch order, written to a JSON file
@@ -39,12 +42,14 @@ from speed_common import (
     VARIANTS,
     WORKLOADS,
     choice,
+    run_order,
     write_random_model,
 )
 from speed_report import add_flops, markdown, planned_work, summarize
 
 HERE = Path(__file__).resolve().parent
 WORKER_SCRIPTS = {"peftlab": ["peftlab_worker.py"], "trainer": ["hf_trainer_worker.py", "--recipe", "trainer"],
+                  "trainer-expert": ["hf_trainer_worker.py", "--recipe", "trainer-expert"],
                   "course": ["hf_trainer_worker.py", "--recipe", "course"]}
 
 
@@ -64,7 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (>= 1)")
     p.add_argument("--steps", type=int, default=6, help="measured steps")
-    p.add_argument("--repeats", type=int, default=1, help="runs per (workload, method, variant); medians reported")
+    p.add_argument("--repeats", type=int, default=3, help="runs per (workload, method, variant), in rotated order; "
+                                                          "medians, ranges and per-repeat ratios reported")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16")
     p.add_argument("--device", default="cpu", help="cpu | cuda (the default GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: torch's own)")
@@ -168,8 +174,8 @@ def worker_command(args: argparse.Namespace, variant: str, model: str, data_file
 
 def run_all(args: argparse.Namespace, model: str, data: dict[str, tuple[Path, dict]], workdir: Path) -> list[dict]:
     """Every (workload, method, repeat, variant) in its own process; failures are recorded, not fatal."""
-    plan = [(w, m, r, v) for w in args.workloads for m in args.methods for r in range(args.repeats)
-            for v in args.variants]
+    plan = [(w, m, r, v) for w in args.workloads for m in args.methods
+            for r, v in run_order(args.variants, args.repeats)]
     records = []
     for n, (workload, method, repeat, variant) in enumerate(plan, start=1):
         data_file, content = data[workload]
@@ -185,7 +191,7 @@ def run_all(args: argparse.Namespace, model: str, data: dict[str, tuple[Path, di
             status = f"{record['tokens_per_s']:.1f} tok/s"
         record.update(repeat=repeat, command=cmd, wall_seconds=time.time() - start)
         records.append(record)
-        print(f"[harness] {n}/{len(plan)} {workload} {method} {variant}: {status} "
+        print(f"[harness] {n}/{len(plan)} {workload} {method} repeat {repeat + 1} {variant}: {status} "
               f"({record['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
     return records
 

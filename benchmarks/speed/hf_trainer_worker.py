@@ -3,9 +3,15 @@
 * ``--recipe trainer`` (b), what a careful user writes: PEFT for LoRA / prompt tuning / prefix tuning (the
   last layer and full fine-tuning by hand: freeze, untie the head, unfreeze), ``DataCollatorForSeq2Seq``
   dynamic padding to the longest sequence of each batch, labels -100 on prompt and padding.
+  ``model.config.use_cache = False``: a training forward has no use for a KV cache (transformers builds one by
+  default, which costs memory and time).
+* ``--recipe trainer-expert`` (b'), what an expert writes: (b) plus a collator that passes ``logits_to_keep`` (a
+  boolean mask of the positions whose next token is labelled) and ``shift_labels`` (those labels), so the model's
+  head and loss run on labelled positions only, as peftlab's do. Same loss value as (b) on the same batch.
 * ``--recipe course`` (c), the course reports' recipe this project started from: the same model set-up, but every
   example padded to ``max_length`` (prompt cap + target cap) beforehand and batched with
-  ``default_data_collator``; the model's own loss over all positions, labels -100 on prompt and padding.
+  ``default_data_collator``; the model's own loss over all positions, labels -100 on prompt and padding. The model
+  is left as the course had it (``use_cache`` at the config's default).
 
 Both: AdamW (``optim="adamw_torch"``, the same ``torch.optim.AdamW`` peftlab uses), the same learning rate, linear
 schedule over ``warmup + steps + 1`` steps, clipping at 1.0, batch size from the data file, no gradient accumulation,
@@ -53,7 +59,8 @@ from transformers import (
 
 from peftlab.models.loading import pretrained_source
 
-RECIPES = ("trainer", "course")
+RECIPES = ("trainer", "trainer-expert", "course")
+IGNORE_INDEX = -100
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -78,8 +85,52 @@ def features(examples: list[dict[str, list[int]]], recipe: str, max_length: int,
         if pad < 0:
             raise SystemExit(f"an example has {len(ids)} tokens, more than max_length {max_length}")
         rows.append({"input_ids": ids + [pad_id] * pad, "attention_mask": [1] * len(ids) + [0] * pad,
-                     "labels": labels + [-100] * pad})
+                     "labels": labels + [IGNORE_INDEX] * pad})
     return rows
+
+
+class LabelledHeadCollator:
+    """Wraps a collator so that the model computes logits and loss only where the next token is labelled.
+
+    ``logits_to_keep`` as a boolean (B, T') mask makes the causal-LM model slice its hidden states to the kept rows
+    (flattened to (N, d)) before ``lm_head``; ``shift_labels`` (N,) are the targets of exactly those rows, so the
+    model's ``ForCausalLMLoss`` takes the same cross-entropy over the same N tokens as the full-logits loss.
+    ``virtual_tokens``: soft-prompt positions PEFT prepends (prompt tuning) before the model sees the sequence; they
+    are never labelled, so the mask gets that many ``False`` columns in front.
+    """
+
+    def __init__(self, collator: Any, virtual_tokens: int = 0) -> None:
+        self.collator, self.virtual_tokens = collator, virtual_tokens
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(rows)
+        return {**batch, **labelled_head_inputs(batch["labels"], self.virtual_tokens)}
+
+
+def labelled_head_inputs(labels: torch.Tensor, virtual_tokens: int = 0) -> dict[str, torch.Tensor]:
+    """``logits_to_keep`` mask (B, virtual + T) and ``shift_labels`` (N,) for labels (B, T) with -100 = ignored."""
+    # Position t predicts token t + 1: the last position predicts nothing (as the pad in ForCausalLMLoss).
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+    keep = shifted != IGNORE_INDEX
+    if virtual_tokens:
+        keep = torch.cat([keep.new_zeros(keep.shape[0], virtual_tokens), keep], dim=1)
+    return {"logits_to_keep": keep, "shift_labels": shifted[shifted != IGNORE_INDEX]}
+
+
+def virtual_token_count(model: nn.Module) -> int:
+    """Soft-prompt positions a PEFT prompt-tuning model prepends to every sequence (0 for anything else)."""
+    import peft
+
+    config = getattr(model, "peft_config", {}).get("default")
+    return config.num_virtual_tokens if config is not None and config.peft_type == peft.PeftType.PROMPT_TUNING else 0
+
+
+def make_collator(recipe: str, tokenizer: Any, model: nn.Module) -> Any:
+    """The batch collator of a recipe (see the module docstring)."""
+    if recipe == "course":
+        return default_data_collator
+    dynamic = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
+    return LabelledHeadCollator(dynamic, virtual_token_count(model)) if recipe == "trainer-expert" else dynamic
 
 
 class CountingTrainer(Trainer):
@@ -92,7 +143,7 @@ class CountingTrainer(Trainer):
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         self.real_tokens = self.real_tokens + inputs["attention_mask"].sum()
-        self.target_tokens = self.target_tokens + (inputs["labels"][:, 1:] != -100).sum()
+        self.target_tokens = self.target_tokens + (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
         return super().training_step(model, inputs, num_items_in_batch)
 
 
@@ -123,6 +174,8 @@ def load_reference_model(args: argparse.Namespace) -> tuple[nn.Module, nn.Module
     """(model handed to the Trainer, the underlying base model, tokenizer)."""
     source = pretrained_source(args.model)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[args.dtype])
+    if args.recipe != "course":  # the course recipe is measured as it was written, cache default and all
+        model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -137,7 +190,8 @@ def load_reference_model(args: argparse.Namespace) -> tuple[nn.Module, nn.Module
 def main(argv: list[str] | None = None) -> dict:
     """Train with the Trainer, measure the window, print and return the record."""
     parser = worker_parser(__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="trainer", help="trainer (b: dynamic padding) | course (c: max_length)")
+    parser.add_argument("--recipe", default="trainer", help="trainer (b: dynamic padding) | trainer-expert (b': and "
+                                                            "head on labelled positions) | course (c: max_length)")
     args = parser.parse_args(argv)
     check_worker_args(args)
     choice(args.recipe, RECIPES, "--recipe")
@@ -149,8 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     facts = model_facts(base, trainable)
     rows = features(ordered_examples(data, args.warmup, args.steps), args.recipe, data["max_length"], data["pad_id"])
-    collator = (default_data_collator if args.recipe == "course"
-                else DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
+    collator = make_collator(args.recipe, tokenizer, model)
     memory = MemoryProbe(device)
     memory.mark_loaded()
     counter = WorkCounter(base)
@@ -164,8 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainer.add_callback(WindowCallback(window, totals))
     trainer.train()
-    variant = "course" if args.recipe == "course" else "trainer"
-    record = {**run_facts(args, variant, data), **facts, **window.result(), **memory.report(),
+    record = {**run_facts(args, args.recipe, data), **facts, **window.result(), **memory.report(),
               "max_length": data["max_length"] if args.recipe == "course" else None}
     emit(record)
     return record

@@ -28,7 +28,10 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
 RESULT_MARKER = "SPEED_RESULT "  # libraries print to stdout too; the harness reads only lines with this prefix
-VARIANTS = ("peftlab", "trainer", "course")
+# Harness order; each repeat starts one further along (see harness.run_order). "trainer-expert" is (b'): PEFT +
+# Trainer with the head applied to labelled positions only, the strongest set-up a Trainer user can write.
+VARIANTS = ("peftlab", "trainer", "trainer-expert", "course")
+VARIANT_LETTERS = {"peftlab": "a", "trainer": "b", "trainer-expert": "b'", "course": "c"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PEFTLAB_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -93,6 +96,19 @@ def choice(value: str, choices: dict[str, Any] | tuple[str, ...], what: str) -> 
     if value not in choices:
         raise SystemExit(f"{what}: {value!r} is not one of {', '.join(choices)}")
     return value
+
+
+def run_order(variants: list[str], repeats: int) -> list[tuple[int, str]]:
+    """(repeat, variant) in run order: repeat r is the variants rotated to start at index r mod k.
+
+    Used for the training workers (harness) and the two generation sides (gen_compare).
+
+    Whatever drifts during an invocation (clock boost, cache and page state, a neighbour's load) then falls on every
+    variant in turn rather than always on the same one, and each repeat still runs every variant back to back, so
+    the per-repeat ratios compare runs made under nearly the same conditions.
+    """
+    k = len(variants)
+    return [(r, variants[(r + i) % k]) for r in range(repeats) for i in range(k)]
 
 
 # ---------------------------------------------------------------------------------------------------- worker CLI
