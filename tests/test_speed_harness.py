@@ -6,7 +6,7 @@ What must hold whatever the timings: every worker reports the fields, all four s
 target tokens, the course recipe computed every position of max_length-padded batches, peftlab's and the expert
 Trainer's heads ran on target positions only (with the same loss as the plain Trainer's), the runs follow the
 rotated order, the statistics are what their definitions say on known inputs, and the evaluation-generation
-comparison finds peftlab's outputs identical to PEFT's generate().
+comparison tokenizes once and finds peftlab's outputs identical to PEFT's generate(), merged and unmerged.
 """
 
 from __future__ import annotations
@@ -108,16 +108,38 @@ def _speed_module(name: str):
 
 @requires_smollm2  # the tokenizer comes from the SmolLM2 package
 @pytest.mark.parametrize("method", ["lora-qv", "prompt-tuning"])
-def test_generation_matches_peft_generate(tiny_llama_dir, tmp_path, method):
+def test_generation_matches_peft_generate(tiny_llama_dir, tmp_path, monkeypatch, method):
+    from peftlab.data.encode import PromptEncoder
+
     articles = [{"id": f"a{i}", "article": " ".join(["the council met on monday to vote ."] * (3 + 4 * i)),
                  "summary": "the council voted ."} for i in range(3)]
     write_split(tmp_path / "cnn_dailymail", "test", articles)
-    result = _speed_module("gen_compare").main(["--model", str(tiny_llama_dir), "--method", method, "--examples", "3",
-                                       "--batch-size", "2", "--max-new-tokens", "6", "--data-root", str(tmp_path),
-                                       "--threads", "1"])
+    calls = []
+    encode = PromptEncoder.encode_prompts
+    monkeypatch.setattr(PromptEncoder, "encode_prompts", lambda self, ex: calls.append(len(ex)) or encode(self, ex))
+    result = _speed_module("gen_compare").main([
+        "--model", str(tiny_llama_dir), "--method", method, "--examples", "3", "--batch-size", "2",
+        "--max-new-tokens", "6", "--data-root", str(tmp_path), "--threads", "1", "--repeats", "2", "--unmerged"])
     assert result["examples"] == 3 and result["generated_tokens"] > 0
     assert result["identical"], result["different"]
-    assert result["peftlab_merged"] == (method == "lora-qv")
+    assert calls == [3]  # tokenized once, before timing: warm-up, rounds and phases reuse the ids
+    phases = ["unmerged", "merged"] if method == "lora-qv" else ["unmerged"]
+    assert list(result["phases"]) == phases and result["peftlab_merged"] == (method == "lora-qv")
+    for phase in result["phases"].values():
+        assert phase["order"] == ["peftlab", "peft", "peft", "peftlab"]  # rotated: each side leads once
+        assert len(phase["seconds"]["peftlab"]) == len(phase["ratios"]) == 2 and phase["repeatable"]
+        assert phase["n_different"] == 0
+
+
+def test_gen_compare_times_warmup_apart_and_rotates():
+    timed_rounds = _speed_module("gen_compare").timed_rounds
+    seen = []
+    sides = {"peftlab": lambda p: seen.append(("peftlab", len(p))) or ["x"] * len(p),
+             "peft": lambda p: seen.append(("peft", len(p))) or ["x"] * len(p)}
+    result = timed_rounds(sides, prompts=[[1], [2], [3]], warmup=[[1]], repeats=3)
+    assert seen[:2] == [("peftlab", 1), ("peft", 1)]  # untimed warm-up, one batch each
+    assert seen[2:] == [("peftlab", 3), ("peft", 3), ("peft", 3), ("peftlab", 3), ("peftlab", 3), ("peft", 3)]
+    assert len(result["ratios"]) == 3 and result["repeatable"]
 
 
 def test_run_order_rotates_the_start_each_repeat():
