@@ -138,7 +138,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", boom)
+    monkeypatch.setattr(ckpt, "save_tensors", boom)
     trainer.state.step += 1
     with pytest.raises(OSError):
         trainer.save()

@@ -25,6 +25,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -54,6 +55,20 @@ def disk_errors(path: str | Path, note: str = "") -> Iterator[None]:
             raise
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise DiskWriteError(f"could not write {path}: {reason}" + (f"; {note}" if note else "")) from exc
+
+
+def save_tensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, whose I/O failures (a Rust ``SafetensorError`` with the OS error in its text)
+    are raised as the ``OSError`` they are, so that :func:`disk_errors` and callers see a full disk as one."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except Exception as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None or isinstance(exc, OSError):
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
 
 
 def fsync_dir(folder: str | Path) -> None:

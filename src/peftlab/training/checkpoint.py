@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from peftlab.durable import (  # noqa: F401  (atomic_write_* are imported from here by older callers)
     atomic_write_json,
     atomic_write_text,
     durable_folder,
     remove_leftovers,
+    save_tensors,
     write_bytes_durably,
 )
 
@@ -77,7 +78,7 @@ def join_tensors(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
+    save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
 
 
 def save_checkpoint(out_dir: str | Path, step: int, weights: dict[str, torch.Tensor],
@@ -100,7 +101,7 @@ def save_checkpoint(out_dir: str | Path, step: int, weights: dict[str, torch.Ten
         _save_tensors(weights, tmp / "weights.safetensors")
         if best is not None:
             _save_tensors(best, tmp / "best.safetensors")
-        save_file(tensors, tmp / "trainer.safetensors")
+        save_tensors(tensors, tmp / "trainer.safetensors")
         (tmp / "trainer.json").write_text(json.dumps(structure, indent=1))
         (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))  # last: marks the folder done
     write_bytes_durably(root / "LATEST", (final.name + "\n").encode())
