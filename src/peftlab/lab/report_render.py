@@ -3,7 +3,8 @@ Markdown (images linked from a folder next to it) and one self-contained HTML pa
 
 The HTML holds no script and no external resource: images are ``data:image/png;base64`` URIs, the CSS is inline,
 even the favicon is an empty data URI (so a browser requests nothing). Every piece of text, including model
-outputs that may contain ``<`` or ``&``, goes through :func:`html.escape`.
+outputs that may contain ``<`` or ``&``, goes through :func:`html.escape` (attribute values quoted too); in Markdown,
+``[`` and ``]`` are escaped as well, so no data can form a link or a remote image.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import base64
 import html
 import re
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 
 @dataclass
@@ -69,8 +71,14 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
 
 
+def _md_text(text: str) -> str:
+    """Text from data, generations or configs as inert Markdown: no HTML (``<`` escaped) and no link or image
+    (``[`` and ``]`` escaped), so ``![x](https://tracker)`` in a dataset cannot make a viewer fetch anything."""
+    return html.escape(text, quote=False).replace("[", "\\[").replace("]", "\\]")
+
+
 def _md_cell(text: str, best: bool) -> str:
-    cell = html.escape(text, quote=False).replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+    cell = _md_text(text).replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
     return f"**{cell}**" if best and cell else cell
 
 
@@ -79,9 +87,9 @@ def to_markdown(blocks: list[Block], files_dir: str) -> str:
     out: list[str] = []
     for block in blocks:
         if isinstance(block, Heading):
-            out.append("#" * block.level + " " + html.escape(block.text, quote=False))
+            out.append("#" * block.level + " " + _md_text(block.text))
         elif isinstance(block, Para):
-            out.append(html.escape(block.text, quote=False))
+            out.append(_md_text(block.text))
         elif isinstance(block, Pre):
             longest = max((len(run) for run in re.findall(r"`+", block.text)), default=0)
             fence = "`" * max(3, longest + 1)  # a fence longer than any backtick run inside cannot be closed early
@@ -93,8 +101,9 @@ def to_markdown(blocks: list[Block], files_dir: str) -> str:
                       for r, row in enumerate(block.rows)]
             out.append("\n".join(lines))
         else:
-            caption = html.escape(block.caption.replace("[", "(").replace("]", ")"), quote=False)
-            out.append(f"![{caption}]({files_dir}/{block.name})\n\n*{caption}*")
+            caption = _md_text(block.caption)
+            # The name may come from a file in the results folder: percent-encoded, it cannot end the link early.
+            out.append(f"![{caption}]({quote(files_dir)}/{quote(block.name)})\n\n*{caption}*")
     return "\n\n".join(out) + "\n"
 
 
