@@ -70,7 +70,9 @@ def cache_frozen_trunk_mode(value: str | bool, key: str = "train.cache_frozen_tr
 class ModelConfig:
     name: str = opt("smollm2-135m", "base model: hub id, local HF folder, .gguf file, or alias 'smollm2-135m'")
     dtype: str = opt("float32", "dtype of the frozen base weights: float32 | bfloat16 | float16")
-    trust_remote_code: bool = opt(False, "passed to transformers when loading from the hub")
+    trust_remote_code: bool = opt(
+        False, "let transformers run the Python code a hub model ships (modeling_*.py); off: only the architectures "
+        "installed with transformers load. Turn on only for a model whose author you trust")
 
     def validate(self, prefix: str = "model") -> None:
         check_choice(self.dtype, f"{prefix}.dtype", ("float32", "bfloat16", "float16"))

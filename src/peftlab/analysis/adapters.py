@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from peftlab.methods.io import CONFIG_NAME, FORMAT, WEIGHTS_NAME
+from peftlab.methods.tensor_file import load_adapter_tensors
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -121,13 +121,18 @@ def read_saved_adapter(folder: str | Path) -> SavedAdapter:
         raise ValueError(f"{path}: not valid JSON: {exc}") from exc
     if config.get("format") == FORMAT:
         return SavedAdapter(folder, "peftlab", config["method"], config.get("base_model"), config,
-                            load_file(_weights_file(folder, WEIGHTS_NAME)))
+                            _read_weights(_weights_file(folder, WEIGHTS_NAME)))
     if "peft_type" in config:
-        weights = load_file(_weights_file(folder, PEFT_WEIGHTS_NAME))
+        weights = _read_weights(_weights_file(folder, PEFT_WEIGHTS_NAME))
         weights = {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}
         method = str(config["peft_type"]).lower().replace("_", "-")
         return SavedAdapter(folder, "peft", method, config.get("base_model_name_or_path"), config, weights)
     raise ValueError(f"{path}: neither a peftlab adapter (format={FORMAT!r}) nor a PEFT adapter (peft_type)")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    # The header is checked before any tensor is allocated (no model here, so no byte budget beyond the file's own).
+    return load_adapter_tensors(path)[0]
 
 
 def _weights_file(folder: Path, name: str) -> Path:

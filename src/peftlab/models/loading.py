@@ -387,8 +387,9 @@ def _move_into_place(tmp: Path, target: Path, gguf: Path) -> None:
 def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a GGUF with transformers (weights dequantized to fp32) together with its tokenizer."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # A GGUF file holds weights and metadata only: nothing in it needs (or may run) remote code.
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         version = transformers.__version__
         raise ValueError(f"cannot read the GGUF file {gguf} with transformers {version}: {exc}") from exc
