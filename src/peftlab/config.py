@@ -229,8 +229,9 @@ PRIMARY_FIELD = {"model": "name", "task": "name", "data": "path", "method": "nam
 
 
 def _unknown_key(key: str, valid: list[str]) -> ConfigError:
-    near = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
-    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    by_name = {v.split(".")[-1]: v for v in valid}  # compare the last parts: 'lrr' is near 'lr', not 'train.lr'
+    near = difflib.get_close_matches(key.split(".")[-1], list(by_name), n=1)
+    hint = f" (did you mean {by_name[near[0]]!r}?)" if near else ""
     return ConfigError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(sorted(valid))}")
 
 
@@ -396,6 +397,13 @@ def split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
     return yaml_path, overrides
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and its line and column (1-based, as editors show)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
 def read_yaml_mapping(path: Path, what: str, expected: str) -> dict[str, Any]:
     """The top-level mapping of a YAML file; ``ConfigError`` naming the file when it is unreadable, not YAML, or not
     a mapping (``what`` names the kind of file, ``expected`` what its top level should hold)."""
@@ -404,7 +412,7 @@ def read_yaml_mapping(path: Path, what: str, expected: str) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be {expected}")
     return data
