@@ -44,11 +44,21 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
+def _checked_config(args: Sequence[str]) -> RunConfig:
+    """The run's config, with ``data.path`` resolved too: a typo there is reported before the model loads. (Not in
+    ``RunConfig.validate``: whether a folder exists is this machine's state, not the config's.)"""
+    from peftlab.data.readers import check_data_path
+
+    cfg = load_config(*split_args(args))
+    check_data_path(cfg.data.path)
+    return cfg
+
+
 def _cmd_train(ns: argparse.Namespace) -> int:
     from peftlab.lab.experiment import train_run
     from peftlab.lab.table import format_table
 
-    cfg = load_config(*split_args(ns.args))
+    cfg = _checked_config(ns.args)
     result = train_run(cfg, command=_command_line())
     if not result:  # a helper rank of a multi-process launch: rank 0 reports
         return 0
@@ -61,7 +71,7 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     from peftlab.lab.experiment import eval_run
     from peftlab.lab.table import format_table
 
-    cfg = load_config(*split_args(ns.args))
+    cfg = _checked_config(ns.args)
     result = eval_run(cfg, command=_command_line())
     if not result:
         return 0

@@ -211,13 +211,11 @@ class RunConfig:
         """Check every section (and the method options) before anything expensive happens."""
         for section in (self.model, self.task, self.data, self.train, self.eval):
             section.validate()
-        # The registries and the data layer live above config: imported here, checked before any model loads.
-        from peftlab.data.readers import check_data_path
+        # The registries live above config: imported here, checked before any model loads.
         from peftlab.methods import get_method
         from peftlab.tasks import task_names
 
         check_choice(self.task.name, "task.name", task_names())
-        check_data_path(self.data.path)
         get_method(self.method.name).build_config(self.method.options)
 
     def to_dict(self) -> dict[str, Any]:
