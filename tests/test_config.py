@@ -92,3 +92,18 @@ def test_configs_are_shipped():
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.task.name in ("summarization", "classification", "table-to-text")
+
+
+def test_values_get_the_field_type_once_for_sections_and_method_options(tmp_path):
+    """YAML 1.1 reads 1e-4 (no dot) as a string; coercion by field type makes it the number it means, and a whole
+    float for an int field (method.r=8.0) becomes the int, through the same path for method options."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  max_steps: 2e2\nmethod:\n  name: lora\n  r: 8.0\n  alpha: 16\n")
+    cfg = load_config(path)
+    assert cfg.train.lr == pytest.approx(1e-4) and cfg.train.max_steps == 200 and isinstance(cfg.train.max_steps, int)
+    from peftlab.methods import get_method
+
+    lora = get_method("lora").build_config(cfg.method.options)
+    assert lora.r == 8 and isinstance(lora.r, int) and isinstance(lora.alpha, float)
+    with pytest.raises(ConfigError, match=r"^method\.alpha: expected a number \(e\.g\. 2e-4\), got 'x' \(str\)$"):
+        get_method("lora").build_config({"alpha": "x"})
