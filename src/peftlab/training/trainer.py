@@ -10,6 +10,11 @@ Under several processes (``torchrun``, ``accelerate launch``; see :mod:`peftlab.
 step's micro-batches are split across ranks, the loss is normalised by the step's global target-token count and
 gradients are summed, so the run trains what the single-process run trains; rank 0 alone writes files.
 
+Faults stop the run with a one-line error and leave the last checkpoint intact: a NaN/inf loss or gradient is caught
+before the optimizer step (``NonFiniteError``, naming the step; ``train.skip_nonfinite`` skips that update instead),
+an out-of-memory batch names its shape and what to lower (``TrainingOutOfMemoryError``), and a full or read-only
+disk names the path (:class:`~peftlab.durable.DiskWriteError`).
+
 When only the output head trains (``PeftMethod.frozen_trunk()``), each training example's trunk features are computed
 once and reused in later epochs (``train.cache_frozen_trunk``, :mod:`peftlab.training.trunk_cache`).
 """
