@@ -135,6 +135,12 @@ def test_a_second_process_is_refused_and_a_killed_holder_does_not_block(tmp_path
         assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
 
 
+def test_an_out_that_is_a_file_is_one_error(tmp_path):
+    (tmp_path / "out").write_text("")
+    with pytest.raises(FolderLockedError, match="is a file"), folder_lock(tmp_path / "out"):
+        pass
+
+
 def test_train_run_holds_the_lock(tiny_llama_dir, tmp_path):
     from peftlab.config import load_config
     from peftlab.lab.experiment import train_run

@@ -16,11 +16,13 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from peftlab.durable import disk_errors
+
 LOCK_NAME = ".lock"
 
 
 class FolderLockedError(ValueError):
-    """Another live process holds the folder's lock (the message names the folder and its PID)."""
+    """The folder cannot be locked: another live process holds it (the message names its PID), or it is a file."""
 
 
 def _holder(path: Path) -> str:
@@ -48,9 +50,12 @@ def folder_lock(folder: str | Path, what: str = "out", enabled: bool = True) -> 
         yield
         return
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise FolderLockedError(f"{what}: {folder} is a file; give a folder")
     path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with disk_errors(path, f"{what} must be a writable folder"):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
