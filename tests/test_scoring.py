@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, VOCAB
+from conftest import MODEL_FACTORIES, VOCAB, applied_method
 
-import peftlab.methods  # noqa: F401  registers every method
 from peftlab.data.batching import collate
 from peftlab.data.encode import EncodedExample
 from peftlab.evaluation.generate import score_continuations
@@ -19,21 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Prompts of different lengths (left padding differs per row) and choices of 1, 2 and 3 tokens.
 PROMPTS = [[5, 9, 17, 33, 40, 7], [11, 3], [60, 61, 62, 63], [8, 8, 8, 8, 8, 8, 8, 8, 2]]
 CHOICES = [[21], [30, 1], [44, 45, 1]]
-
-
-def applied(name: str, family: str):
-    spec = get_spec(name)
-    method = spec.apply(MODEL_FACTORIES[family](), spec.build_config({}))
-    torch.manual_seed(3)
-    with torch.no_grad():  # move every trainable tensor off its init, so the method changes the output
-        for param in method.trainable_parameters().values():
-            param.add_(0.05 * torch.randn_like(param))
-    method.model.eval()
-    return method
-
-
-def get_spec(name: str):
-    return next(spec for spec in all_methods() if spec.name == name)
 
 
 def reference_scores(method, prompts: list[list[int]], choices: list[list[int]]) -> torch.Tensor:
@@ -49,7 +33,7 @@ def reference_scores(method, prompts: list[list[int]], choices: list[list[int]])
 @pytest.mark.parametrize("name", [spec.name for spec in all_methods()])
 def test_one_prompt_pass_equals_one_pass_per_choice(name, family):
     try:
-        method = applied(name, family)
+        method = applied_method(name, family)
     except ValueError as err:  # e.g. BitFit on a model without biases (tiny Llama): nothing to compare
         pytest.skip(f"{name} does not apply to tiny {family}: {err}")
     got = score_continuations(method, PROMPTS, CHOICES, pad_id=1, device=torch.device("cpu"))
@@ -64,7 +48,7 @@ def test_one_prompt_pass_equals_one_pass_per_choice(name, family):
 
 def test_scores_are_log_probabilities_of_the_choice_tokens():
     """Direct formula on a base model: log p(a) + log p(b | a) from full-sequence logits."""
-    method = applied("full", "llama")
+    method = applied_method("full", "llama")
     prompt, choice = [5, 9, 17], [30, 1]
     got = score_continuations(method, [prompt], [choice], pad_id=1, device=torch.device("cpu"))[0, 0]
     with torch.no_grad():

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from peftlab.data.batching import left_pad
 from peftlab.data.encode import PromptEncoder
+from peftlab.evaluation.kv_cache import keep_rows, preallocate
 from peftlab.methods.base import PeftMethod
 from peftlab.tasks.base import Example
 
@@ -66,32 +67,43 @@ def prefill(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id: int, d
 
 @torch.no_grad()
 def greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id: int, eos_ids: set[int],
-                    max_new_tokens: int, device: torch.device) -> list[list[int]]:
+                    max_new_tokens: int, device: torch.device, drop_fraction: float = 0.25) -> list[list[int]]:
     """Greedy continuations of a batch of prompts (token ids), each cut at its first eos (excluded).
 
-    Shapes: prompts left-padded to (B, T); prefill as :func:`prefill`; each decode step (B, 1).
+    Shapes: prompts left-padded to (B, T); prefill as :func:`prefill`; each decode step (B', 1), where B' counts
+    the rows still generating: the KV cache is preallocated (:mod:`peftlab.evaluation.kv_cache`), and once
+    ``drop_fraction`` of the live rows have finished they are dropped from the batch (the cache keeps the others'
+    rows), so a batch stops paying for rows that wait for its longest output. ``drop_fraction=0`` keeps every row.
     """
     model = method.model
     state = prefill(method, prompts, pad_id, device)
     cache, logits, attention_mask, position = state.cache, state.logits, state.attention_mask, state.position
-    batch = len(prompts)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    droppable = preallocate(cache, max_new_tokens) and drop_fraction > 0
+    outputs: list[list[int]] = [[] for _ in prompts]
+    live = list(range(len(prompts)))  # the prompt index of each row still in the batch
     eos = torch.tensor(sorted(eos_ids), device=device)
-    generated: list[torch.Tensor] = []
-    for _ in range(max_new_tokens):
-        next_token = logits.argmax(-1)  # (B,)
-        next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
-        generated.append(next_token)
-        finished |= torch.isin(next_token, eos)
-        if bool(finished.all()):
+    for step in range(max_new_tokens):
+        next_token = logits.argmax(-1)  # (B',)
+        for row, token in zip(live, next_token.tolist(), strict=True):
+            outputs[row].append(token)
+        done = torch.isin(next_token, eos)
+        if bool(done.all()) or step == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        if droppable and int(done.sum()) >= max(1.0, drop_fraction * len(live)):
+            keep = (~done).nonzero().squeeze(1)
+            keep_rows(cache, keep)
+            attention_mask, position, next_token = attention_mask[keep], position[keep], next_token[keep]
+            live = [live[i] for i in keep.tolist()]
+        else:  # a finished row that stays in the batch is fed padding from now on; its output is already cut
+            next_token = torch.where(done, torch.full_like(next_token, pad_id), next_token)
+            for i in done.nonzero().squeeze(1).tolist():
+                outputs[live[i]].append(pad_id)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=1)
         position = position + 1
         out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position,
                     cache=cache, use_cache=True, logits_to_keep=1)
         cache, logits = out.cache, out.logits[:, -1]
-    tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(batch)]
-    return [_cut_at_eos(row, eos_ids) for row in tokens]
+    return [_cut_at_eos(row, eos_ids) for row in outputs]
 
 
 @torch.no_grad()
