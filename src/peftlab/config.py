@@ -145,7 +145,7 @@ class TrainConfig:
         False, "CPU training on glibc: fix the malloc mmap threshold at 128 KiB so freed activations return to the "
         "OS at once instead of fragmenting the heap; on SmolLM2 (LoRA, 4 x 512 tokens) 0.60x the training peak "
         "RSS for 1.48x the step time (page faults); see training/host_memory.py")
-    cache_frozen_trunk: str = opt(
+    cache_frozen_trunk: str | bool = opt(  # YAML 1.1 reads a bare on/off as a boolean: normalised below
         "auto", "auto | on | off: when only the output head trains (last-layer, untied head), compute each training "
         "example's trunk hidden states once and reuse them in later epochs; auto = on when the trunk has no dropout "
         "and the cache fits in 2 GiB on the training device")
