@@ -446,6 +446,7 @@ def _second_refused(first: subprocess.Popen, cmd: list[str], lock: Path) -> tupl
     t0 = time.monotonic()
     second = run(cmd)
     seconds = time.monotonic() - t0
+    print(f"  second process said: {second.stderr.strip().splitlines()[-1] if second.stderr.strip() else ''}")
     return one_line_error(second, "in use by another peftlab process", f"pid {first.pid}"), seconds
 
 
@@ -485,8 +486,9 @@ def oom(work: Path) -> Row:
     proc = run(child("rlimit-as", "train", *big, "train.batch_size=16", "task.max_source_tokens=512",
                      "data.max_train=16", f"out={out}"))
     problem = one_line_error(proc, "out of memory", "train.batch_size=16", "tokens", "train.gradient_checkpointing")
+    said = proc.stderr.strip().splitlines()[-1][:400] if proc.stderr.strip() else ""
     return Row("out of memory on a batch (RLIMIT_AS +512 MiB, batch 16)", 1, int(not problem),
-               "one-line error naming the batch size, sequence length and what to lower", problem)
+               "one-line error naming the batch size, sequence length and what to lower", problem or f"`{said}`")
 
 
 # ------------------------------------------------------------------------------------------------ child + main
