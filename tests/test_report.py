@@ -288,6 +288,10 @@ def test_plain_run_folders_and_duplicates(tmp_path):
     copy = make_result("lora", "default", 1000, 1)
     _write(tmp_path / "cnn" / "lora--default--n1000--seed1.json", copy)
     _write(tmp_path / "cnn" / "runs" / "lora--default--n1000--seed1" / "result.json", {**copy, "grid": None})
+    # a folder a killed writer left under a temporary name is not a run
+    hidden = make_result("lora", "default", 1000, 2)
+    del hidden["grid"]
+    _write(tmp_path / "cnn" / "runs" / ".lora--default--n1000--seed2.abc.tmp" / "result.json", hidden)
     cells = sorted((r.task, r.method, r.variant, r.n_train, r.seed) for r in load_runs(tmp_path))
     assert cells == [("cnn", "lora", "default", 1000, 1), (TASK, "prompt-tuning", "n_tokens=20", 100, 3),
                      (TASK, "zero-shot", "default", 0, 0)]

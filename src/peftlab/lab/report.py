@@ -178,8 +178,10 @@ def load_runs(root: str | Path) -> list[Run]:
     root = Path(root)
     if not root.is_dir():
         raise ReportError(f"{root}: results folder not found")
+    # Dot-names are writes in progress or left by a killed writer (peftlab.durable): never results.
     paths = [p for p in root.rglob("*.json") if (p.name == "result.json" or STEM_RE.fullmatch(p.stem))
-             and p.relative_to(root).parts[0] != "analysis" and "report_files" not in p.parts]
+             and p.relative_to(root).parts[0] != "analysis" and "report_files" not in p.parts
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
     runs, seen, stems = [], set(), set()
     for path in sorted(paths, key=lambda p: (p.name == "result.json", p)):  # grid files before run-folder copies
         top = path.relative_to(root).parts[0]
