@@ -150,6 +150,21 @@ def test_train_run_holds_the_lock(tiny_llama_dir, tmp_path):
         train_run(cfg)
 
 
+def test_eval_run_and_compare_hold_their_locks(tiny_llama_dir, tmp_path):
+    from peftlab.config import load_config
+    from peftlab.lab.compare import compare
+    from peftlab.lab.experiment import eval_run
+
+    cfg = load_config(None, [f"model={tiny_llama_dir}", "data=demo", f"out={tmp_path / 'eval'}"])
+    with folder_lock(tmp_path / "eval"), pytest.raises(FolderLockedError, match="out: .* is in use"):
+        eval_run(cfg)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"name: g\nmodel: {{name: {tiny_llama_dir}}}\ndata: {{path: demo}}\nmethods: [lora]\n"
+                    f"baselines: false\nresults: {tmp_path / 'results'}\n")
+    with folder_lock(tmp_path / "results" / "g"), pytest.raises(FolderLockedError, match="results: .* is in use"):
+        compare(grid)
+
+
 # ------------------------------------------------------------------------------------ non-finite steps
 
 
