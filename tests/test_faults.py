@@ -240,6 +240,12 @@ def test_a_read_only_folder_is_one_error_naming_the_path(tmp_path, monkeypatch):
     assert json.loads(target.read_text()) == {"v": 1}
 
 
+def test_tensor_files_get_the_usual_permissions(tmp_path):
+    durable.save_tensors({"a": torch.zeros(2)}, tmp_path / "x.safetensors")
+    (tmp_path / "y.json").write_text("{}")
+    assert (tmp_path / "x.safetensors").stat().st_mode & 0o777 == (tmp_path / "y.json").stat().st_mode & 0o777
+
+
 def test_safetensors_io_errors_surface_as_oserror(tmp_path, monkeypatch):
     import safetensors.torch
 

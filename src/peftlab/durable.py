@@ -58,8 +58,9 @@ def disk_errors(path: str | Path, note: str = "") -> Iterator[None]:
 
 
 def save_tensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file``, whose I/O failures (a Rust ``SafetensorError`` with the OS error in its text)
-    are raised as the ``OSError`` they are, so that :func:`disk_errors` and callers see a full disk as one."""
+    """``safetensors.torch.save_file`` with the usual file permissions, whose I/O failures (a Rust
+    ``SafetensorError`` with the OS error in its text) are raised as the ``OSError`` they are, so that
+    :func:`disk_errors` and callers see a full disk as one."""
     from safetensors.torch import save_file
 
     try:
@@ -69,6 +70,14 @@ def save_tensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, 
         if code is None or isinstance(exc, OSError):
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
+    # safetensors creates its files 0600; an adapter or checkpoint gets the permissions any other file would.
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(folder: str | Path) -> None:

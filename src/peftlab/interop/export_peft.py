@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 import peftlab
 from peftlab.config import ModelConfig
+from peftlab.durable import save_tensors
 from peftlab.interop.peft_format import (
     EXPORT_METADATA_KEY,
     PEFT_CONFIG_NAME,
@@ -107,7 +107,7 @@ def save_peft_adapter(method: PeftMethod, method_name: str, out: str | Path,
               "peftlab_version": peftlab.__version__}
     metadata = {"format": "pt", EXPORT_METADATA_KEY: json.dumps(record, default=str)}
     with atomic_folder(out) as tmp:
-        save_file(state, tmp / PEFT_WEIGHTS_NAME, metadata=metadata)
+        save_tensors(state, tmp / PEFT_WEIGHTS_NAME, metadata=metadata)
         (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return Path(out)
 
