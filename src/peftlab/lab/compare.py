@@ -11,6 +11,8 @@ metrics.jsonl) is ``<results>/<name>/runs/<stem>/``. The grid is safe to interru
 
 Result files are written durably (:mod:`peftlab.durable`): one that exists is complete. One invocation at a time
 holds ``<results>/<name>/.lock``; a second is refused at once (a killed one's lock is released by the kernel).
+``--shard k/n`` runs a deterministic k-th of the runs (:mod:`peftlab.lab.shard`) and holds
+``.lock-shard-k-of-n`` instead, so the n shards can share one results folder.
 
 Baselines come first: the base model zero-shot, and lead-3 for summarization (taken from the zero-shot run's
 ``metrics[split]["baselines"]``, which scores it on the same examples). The grid format is described in
@@ -309,10 +311,21 @@ def describe_plan(runs: list[PlannedRun]) -> str:
 
 
 def compare(grid_path: str | Path, overrides: list[str] | None = None, dry_run: bool = False,
-            command: str = "peftlab compare") -> list[dict[str, Any]]:
-    """Load, plan and run a grid; prints progress and a summary table. Returns the results (none on a dry run)."""
+            command: str = "peftlab compare", shard: str | None = None) -> list[dict[str, Any]]:
+    """Load, plan and run a grid (or shard ``k/n`` of it, :mod:`peftlab.lab.shard`); prints progress and a summary
+    table. Returns the results (none on a dry run)."""
+    from peftlab.lab.shard import parse_shard, select_shard
+
     spec = load_grid(grid_path, overrides)
     runs = plan(spec)
+    lock: dict[str, str] = {}
+    if shard is not None:
+        k, n = parse_shard(shard)
+        runs = select_shard(runs, [r.kind for r in runs], k, n)
+        lock["name"] = f".lock-shard-{k}-of-{n}"  # shards share the results folder; each run's out has its own lock
+        print(f"[compare] shard {k}/{n}: {len(runs)} of the grid's runs")
+        if not runs:
+            return []
     check_models(runs)
     if dry_run:
         print(describe_plan(runs))
@@ -321,7 +334,7 @@ def compare(grid_path: str | Path, overrides: list[str] | None = None, dry_run: 
     from peftlab.training.run_lock import folder_lock
 
     # One invocation per results folder: two would train the same runs into the same run folders.
-    with folder_lock(Path(spec.results) / spec.name, "results", enabled=is_main()):
+    with folder_lock(Path(spec.results) / spec.name, "results", enabled=is_main(), **lock):
         results = run_grid(runs, command=command)
     if not results:  # a helper rank of a multi-process launch
         return results
@@ -336,7 +349,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     """The ``peftlab compare`` handler; an interrupt exits 130 with a hint (finished runs are kept)."""
     command = "peftlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        compare(ns.grid, ns.overrides, ns.dry_run, command=command)
+        compare(ns.grid, ns.overrides, ns.dry_run, command=command, shard=ns.shard)
     except KeyboardInterrupt:
         print("\npeftlab: interrupted; finished runs are kept and the interrupted run resumes from its last "
               "checkpoint: run the same command again", file=sys.stderr)
@@ -352,5 +365,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("grid", metavar="GRID.yaml", help="grid file (see configs/compare/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="grid keys or shared-section keys")
     p.add_argument("--dry-run", action="store_true", help="list the runs and what would be done with each; run none")
+    p.add_argument("--shard", metavar="k/n", default=None,
+                   help="run only shard k of n (1 <= k <= n): a deterministic split of the grid's runs for a job "
+                        "array or n machines sharing the results folder; `peftlab report` merges them")
     p.set_defaults(func=cmd_compare)
     return p

@@ -34,13 +34,16 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, what: str = "out", enabled: bool = True) -> Iterator[None]:
-    """Hold ``<folder>/.lock`` inside the block; raises :class:`FolderLockedError` at once when it is taken.
+def folder_lock(folder: str | Path, what: str = "out", enabled: bool = True,
+                name: str = LOCK_NAME) -> Iterator[None]:
+    """Hold ``<folder>/<name>`` (``.lock``) inside the block; raises :class:`FolderLockedError` at once when it is
+    taken.
 
     Args:
         folder: the run or results folder (created when missing).
         what: the setting that named the folder, for the message (``out``, ``results``).
         enabled: False takes no lock (a non-zero rank of a multi-process run).
+        name: the lock file's name (a dot-name): compare's shards each hold their own in one results folder.
     """
     try:
         import fcntl
@@ -52,7 +55,7 @@ def folder_lock(folder: str | Path, what: str = "out", enabled: bool = True) -> 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise FolderLockedError(f"{what}: {folder} is a file; give a folder")
-    path = folder / LOCK_NAME
+    path = folder / name
     with disk_errors(path, f"{what} must be a writable folder"):
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
