@@ -74,8 +74,10 @@ def test_the_trunk_runs_only_in_the_first_epoch(tmp_path):
             if state.batch_in_epoch == 0:  # the step that ended an epoch (16 examples = 4 batches of 4)
                 seen.append(calls[0])
 
-        trainer(method, tmp_path, mode, on_step).fit()
+        state = trainer(method, tmp_path, mode, on_step).fit()
         assert seen == per_epoch, mode
+        # What the FLOP count charges: every epoch's tokens without the cache, the first epoch's with it.
+        assert state.trunk_input_tokens * (3 if mode == "on" else 1) == state.input_tokens, mode
 
 
 def test_resume_rebuilds_the_cache(tmp_path):
@@ -164,3 +166,4 @@ def test_result_records_the_cache(tiny_llama_dir, tmp_path):
                              "train.eval_examples=0", "eval.show_examples=0"])
     info = train_run(cfg)["train_info"]
     assert info["trunk_cache"] is True and info["trunk_cache_bytes"] > 0 and info["steps"] == 4
+    assert info["train_trunk_tokens"] * 2 == info["train_input_tokens"]  # 2 epochs, the trunk ran in the first

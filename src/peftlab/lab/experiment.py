@@ -36,7 +36,7 @@ from peftlab.lab import results
 from peftlab.methods import get_method
 from peftlab.methods.base import PeftMethod
 from peftlab.methods.io import load_adapter, read_adapter_config, save_adapter
-from peftlab.models.arch import arch_fingerprint, input_embeddings, output_head
+from peftlab.models.arch import arch_fingerprint, output_head, transformer_blocks
 from peftlab.models.loading import load_model_and_tokenizer
 from peftlab.tasks import Example, Task, get_task
 from peftlab.training.checkpoint import latest_checkpoint
@@ -234,12 +234,16 @@ def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[st
                   started: float, commit: str | None) -> dict:
     """Save the adapter, evaluate, and write ``result.json`` (rank 0 / the single process)."""
     params = _param_info(setup)  # counted as trained, before after_training() may fold parameters away
+    head_weight = output_head(setup.method.model).weight
+    head_trains = any(p is head_weight for p in setup.method.trainable_parameters().values())
+    frozen_trunk = setup.method.frozen_trunk()
     setup.method.after_training()
     adapter_dir = save_adapter(setup.method, cfg.method.name, out / "adapter", cfg.model.name, setup.fingerprint,
                                extra={"task": _task_record(cfg.task, setup.task)})
     metrics, samples, speed = evaluate_splits(setup, cfg.eval.splits)
-    embed = input_embeddings(setup.method.model).weight.numel()
-    head = output_head(setup.method.model).weight.numel()
+    head = head_weight.numel()
+    # The body: every weight of the transformer blocks (what each trunk token multiplies), not embedding or head.
+    body = sum(p.numel() for block in transformer_blocks(setup.method.model) for p in block.parameters())
     train_info = {
         "method": {"name": cfg.method.name, **setup.method.describe()},
         **params,
@@ -253,8 +257,10 @@ def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[st
         "train_tokens_per_s": state.input_tokens / max(state.train_seconds, 1e-9),
         "eval": speed,
         **results.peak_memory(setup.device),
+        "train_trunk_tokens": state.trunk_input_tokens,
         "train_flops_estimate": results.estimate_training_flops(
-            setup.total_params - embed, head, params["trainable_params"], state.input_tokens, state.target_tokens),
+            body, head, params["trainable_params"], state.trunk_input_tokens,
+            state.target_tokens, frozen_trunk=frozen_trunk, head_trains=head_trains),
         "adapter_bytes": (adapter_dir / "adapter.safetensors").stat().st_size,
         "loss_curve": state.loss_curve,
         "val_curve": state.val_curve,

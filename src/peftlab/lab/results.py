@@ -134,14 +134,20 @@ def count_parameters(model: torch.nn.Module) -> int:
     return total
 
 
-def estimate_training_flops(body_params: int, head_params: int, trainable_params: int, input_tokens: int,
-                            target_tokens: int) -> int:
-    """Estimated training FLOPs (Kaplan et al. 2020 counting, adapted to what peftlab computes).
+def estimate_training_flops(body_params: int, head_params: int, trainable_params: int, trunk_tokens: int,
+                            target_tokens: int, frozen_trunk: bool = False, head_trains: bool = False) -> int:
+    """Estimated training FLOPs of what ran (Kaplan et al. 2020 counting, adapted to what peftlab computes).
 
-    Per input token the decoder body (all matmul weights; the embedding lookup is free) costs 2N forward and 2N for
-    the activation gradients, plus 2 x trainable for weight gradients. The output head runs only on target
-    positions (target-only loss): 4 x head per target token. Attention-score FLOPs are left out (small at the
-    sequence lengths used here). Methods whose gradients stop early (last-layer) are over-counted, not under.
+    Per token that runs the trunk (``trunk_tokens``: every input token, less those the frozen-trunk cache served
+    from memory) the decoder body (all matmul weights; the embedding lookup is free) costs 2N forward; unless the
+    trunk is frozen, the backward adds 2N for activation gradients and 2 x its trainable parameters for weight
+    gradients. The output head runs only on target positions (target-only loss): 2 x head forward, 2 x head for the
+    activation gradient when something below it trains, and 2 x head for its weight gradient when it trains.
+    Attention-score FLOPs are left out (small at the sequence lengths used here); a method that trains only the
+    last blocks is charged the backward of the whole body (an over-count, never an under-count).
     """
-    body = input_tokens * (4 * body_params + 2 * min(trainable_params, body_params + head_params))
-    return int(body + target_tokens * 4 * head_params)
+    head_weight_trainable = head_params if head_trains else 0
+    body_trainable = max(0, min(trainable_params - head_weight_trainable, body_params))
+    per_trunk_token = 2 * body_params + (0 if frozen_trunk else 2 * body_params + 2 * body_trainable)
+    per_target = 2 * head_params * (1 + (not frozen_trunk) + head_trains)
+    return int(trunk_tokens * per_trunk_token + target_tokens * per_target)

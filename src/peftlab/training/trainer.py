@@ -56,6 +56,8 @@ class TrainState:
     batch_in_epoch: int = 0
     input_tokens: int = 0
     target_tokens: int = 0
+    # Tokens that went through the trunk: input_tokens, less what the frozen-trunk cache served (for the FLOP count).
+    trunk_input_tokens: int = 0
     train_seconds: float = 0.0
     best_val_loss: float | None = None
     best_step: int | None = None
@@ -146,6 +148,7 @@ class Trainer:
         # Frozen-trunk caching: not checkpointed; after a resume the cache is rebuilt as examples come round again.
         all_targets = sum(self.target_counts)
         self.trunk_cache = TrunkCache() if use_trunk_cache(method, cfg.cache_frozen_trunk, all_targets) else None
+        self._trunk_seen: set[int] = set()  # examples whose trunk features the cache holds (global indices)
         if self.trunk_cache is not None and self.dist.is_main:
             announce(all_targets, len(train_data), estimated_bytes(self.model, all_targets))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
@@ -252,6 +255,15 @@ class Trainer:
             return f"there is no checkpoint in {self.out_dir} yet"
         return f"the last good checkpoint {folder} is intact"
 
+    def _trunk_tokens(self, micro: list[list[int]]) -> int:
+        """Input tokens of this step that run the trunk: all of them, or with the frozen-trunk cache only those of
+        examples it does not hold yet (each example once; again after a resume, which starts an empty cache)."""
+        if self.trunk_cache is None:
+            return sum(self.lengths[i] for idx in micro for i in idx)
+        new = {i for idx in micro for i in idx} - self._trunk_seen
+        self._trunk_seen |= new
+        return sum(self.lengths[i] for i in new)
+
     def _train_step(self, micro: list[list[int]]) -> tuple[float, int]:
         """One optimizer step over the GLOBAL micro-batches ``micro``; returns (summed loss, target tokens) of the
         whole step, over all ranks.
@@ -262,6 +274,7 @@ class Trainer:
         """
         step_targets = sum(self.target_counts[i] for idx in micro for i in idx)
         self.state.input_tokens += sum(self.lengths[i] for idx in micro for i in idx)
+        self.state.trunk_input_tokens += self._trunk_tokens(micro)
         local_loss = 0.0
         for k, indices in enumerate(micro):
             batch, weight, rows = self._local_batch(self.train_data, indices)
