@@ -158,6 +158,11 @@ def _cli(*argv: str) -> Callable[[Path], Action]:
     return lambda tmp: [a.replace("{tmp}", str(tmp)) for a in argv]
 
 
+def _report_a_file(tmp: Path) -> Action:
+    (tmp / "r.json").write_text("{}")
+    return ["report", str(tmp / "r.json")]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The table: (input class, build(tmp) -> action, pattern; {tmp} is tmp_path, escaped)
 
@@ -275,6 +280,7 @@ CASES = [
     Case("cli-merge-missing-folder", _cli("merge", "--adapter", "{tmp}/nope", "{tmp}/out"),
          r"adapter folder {tmp}/nope: no such folder"),
     Case("cli-report-missing-folder", _cli("report", "{tmp}/nope"), r"{tmp}/nope: results folder not found"),
+    Case("cli-report-given-a-file", _report_a_file, r"{tmp}/r\.json: is a file; give the results folder"),
     Case("cli-analyze-missing-folder", _cli("analyze", "subspace", "{tmp}/a", "{tmp}/b"),
          r"{tmp}/a: no adapter_config\.json here"),
     Case("cli-compare-missing-grid", _cli("compare", "{tmp}/grid.yaml"), r"cannot read grid file {tmp}/grid\.yaml"),

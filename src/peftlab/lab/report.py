@@ -176,6 +176,8 @@ def load_runs(root: str | Path) -> list[Run]:
     """Every result under ``root`` (skipping ``analysis/`` and ``report_files/``); a run counts once even when
     both ``<task>/<stem>.json`` and its run folder ``<task>/runs/<stem>/result.json`` exist."""
     root = Path(root)
+    if root.is_file():
+        raise ReportError(f"{root}: is a file; give the results folder that holds the run files (e.g. results)")
     if not root.is_dir():
         raise ReportError(f"{root}: results folder not found")
     # Dot-names are writes in progress or left by a killed writer (peftlab.durable): never results.
