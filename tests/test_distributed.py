@@ -113,8 +113,8 @@ def test_first_step_gradients_equal_single_process(two_process_runs, tmp_path):
 # Adam divides each update by sqrt(v) + 1e-8, so a weight whose gradient is ~1e-8 turns the ~1e-7 relative noise of
 # a different summation order into ~1e-4 of its step; 4 steps at lr 0.05 then differ by up to ~2e-5 (seen: 1e-5)
 # while the weights moved by ~0.2. Full fine-tuning (lr 0.002, steps of up to 2e-3) differed by up to 7.5e-6 on
-# transformers 5.24 (within 5e-6 on 5.23): 0.4% of one step, so its bound is 1% of one step. Gradients are compared at 1e-6
-# above, where no optimizer amplifies anything.
+# transformers 5.24 (within 5e-6 on 5.23): 0.4% of one step, so its bound is 1% of one step. Gradients are compared
+# at 1e-6 above, where no optimizer amplifies anything.
 @pytest.mark.parametrize("method, weight_atol", [("lora", 5e-5), ("full", 2e-5)])
 def test_two_processes_train_what_one_process_trains(two_process_runs, tiny_llama_dir, tmp_path, method,
                                                      weight_atol):
