@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # files only, never a window (must precede the pyplot imp
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from peftlab.training.checkpoint import atomic_write_json  # noqa: E402
+from peftlab.durable import atomic_write_json  # noqa: E402
 
 
 def finite(value: float | None) -> float | None:

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from peftlab.durable import fsync_dir, sync_tree
+from peftlab.durable import durable_folder
 from peftlab.methods.tensor_file import load_adapter_tensors
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -184,16 +181,7 @@ def atomic_folder(out: str | Path) -> Iterator[Path]:
         OutputExistsError: ``out`` exists and is not empty (checked before and again at the rename).
     """
     out = ensure_free(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    # The durable folder protocol (peftlab.durable): files and folder fsynced, renamed, parent fsynced.
+    with durable_folder(out, replace=False) as tmp:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes a private folder; the result is an ordinary one
-        sync_tree(tmp)  # data on disk before the rename makes it visible (see peftlab.durable)
-        ensure_free(out)
-        if out.is_dir():
-            out.rmdir()  # empty (checked): a folder cannot be renamed onto an existing one
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing left after a successful rename
+        ensure_free(out)  # again just before the rename: another process may have written there meanwhile

@@ -24,9 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from peftlab.durable import (  # noqa: F401  (atomic_write_* are imported from here by older callers)
-    atomic_write_json,
-    atomic_write_text,
+from peftlab.durable import (
     durable_folder,
     remove_leftovers,
     save_tensors,
