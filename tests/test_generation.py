@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, VOCAB, applied_method
+from conftest import VOCAB, applied_method, method_family_cases
 from transformers import DynamicCache
 
 from peftlab.evaluation.generate import greedy_generate, prefill
 from peftlab.evaluation.kv_cache import PreallocatedLayer, keep_rows, preallocate
-from peftlab.methods.base import all_methods
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,13 +41,9 @@ def eos_for_varied_lengths(method) -> set[int]:
     return {max(sorted({t for row in rows for t in row}), key=lambda t: len(lengths(t)))}
 
 
-@pytest.mark.parametrize("family", sorted(MODEL_FACTORIES))
-@pytest.mark.parametrize("name", [spec.name for spec in all_methods()])
+@pytest.mark.parametrize(("name", "family"), method_family_cases())
 def test_batched_greedy_equals_per_prompt_greedy(name, family):
-    try:
-        method = applied_method(name, family)
-    except ValueError as err:
-        pytest.skip(f"{name} does not apply to tiny {family}: {err}")
+    method = applied_method(name, family)
     eos_ids = eos_for_varied_lengths(method)
     expected = [reference_greedy(method, p, eos_ids, 12) for p in PROMPTS]
     assert len({len(row) for row in expected}) > 1, "rows should finish at different steps"
