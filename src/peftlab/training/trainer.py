@@ -255,14 +255,17 @@ class Trainer:
             return f"there is no checkpoint in {self.out_dir} yet"
         return f"the last good checkpoint {folder} is intact"
 
-    def _trunk_tokens(self, micro: list[list[int]]) -> int:
-        """Input tokens of this step that run the trunk: all of them, or with the frozen-trunk cache only those of
-        examples it does not hold yet (each example once; again after a resume, which starts an empty cache)."""
-        if self.trunk_cache is None:
-            return sum(self.lengths[i] for idx in micro for i in idx)
-        new = {i for idx in micro for i in idx} - self._trunk_seen
-        self._trunk_seen |= new
-        return sum(self.lengths[i] for i in new)
+    def _count_tokens(self, micro: list[list[int]]) -> None:
+        """Add this step's input tokens, and those that run the trunk: all of them, or with the frozen-trunk cache
+        only those of examples it does not hold yet (each example once; again after a resume, which starts an empty
+        cache)."""
+        tokens = sum(self.lengths[i] for idx in micro for i in idx)
+        self.state.input_tokens += tokens
+        if self.trunk_cache is not None:
+            new = {i for idx in micro for i in idx} - self._trunk_seen
+            self._trunk_seen |= new
+            tokens = sum(self.lengths[i] for i in new)
+        self.state.trunk_input_tokens += tokens
 
     def _train_step(self, micro: list[list[int]]) -> tuple[float, int]:
         """One optimizer step over the GLOBAL micro-batches ``micro``; returns (summed loss, target tokens) of the
@@ -273,8 +276,7 @@ class Trainer:
         single-process gradient ``sum(all token losses) / N`` exactly, up to summation order.
         """
         step_targets = sum(self.target_counts[i] for idx in micro for i in idx)
-        self.state.input_tokens += sum(self.lengths[i] for idx in micro for i in idx)
-        self.state.trunk_input_tokens += self._trunk_tokens(micro)
+        self._count_tokens(micro)
         local_loss = 0.0
         for k, indices in enumerate(micro):
             batch, weight, rows = self._local_batch(self.train_data, indices)
