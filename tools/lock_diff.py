@@ -7,22 +7,21 @@ the differences are what ``make lock`` would adopt once the suite passes on them
 from __future__ import annotations
 
 import sys
-from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lockfile import canonical, read_lock  # noqa: E402
+from lockfile import installed_versions, read_lock  # noqa: E402
 
 
 def main(lock_paths: list[str]) -> None:
     locked = {name: pin for path in lock_paths for name, pin in read_lock(path).items()}
     lock_path = " + ".join(lock_paths)
-    installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    installed = installed_versions()
     rows = []
     for name in sorted(set(locked) | set(installed)):
         want = locked[name].version if name in locked else "-"
         have = installed.get(name, "-")
-        if want != have and name not in {"pip", "peftlab"}:
+        if want != have:
             rows.append((name, want, have))
     if not rows:
         print(f"installed packages match {lock_path} exactly")

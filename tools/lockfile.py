@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
+
+# Installed but never locked: the installer itself and the project (installed editable from its own folder).
+NOT_LOCKED = frozenset({"pip", "peftlab"})
 
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
 _HASH = re.compile(r"--hash=sha256:([0-9a-f]{64})")
@@ -51,3 +55,9 @@ def read_lock(path: str | Path) -> dict[str, Pin]:
         if not line.endswith("\\"):
             current = None
     return pins
+
+
+def installed_versions() -> dict[str, str]:
+    """{canonical name: version} of every distribution in this environment except :data:`NOT_LOCKED`."""
+    found = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    return {name: version for name, version in found.items() if name not in NOT_LOCKED}
