@@ -187,12 +187,24 @@ class EvalConfig:
     max_new_tokens: int | None = opt(None, "generation length cap; default: the task's own")
     splits: list[str] = opt(["test"], "splits to evaluate after training")
     show_examples: int = opt(5, "generated examples stored in the result and printed")
+    forgetting_data: str | None = opt(None, "out-of-task text for the forgetting cross-entropy before/after training "
+                                            "(a dataset folder, file, 'demo' or hub name; null: not measured)")
+    forgetting_split: str = opt("test", "split of forgetting_data to read")
+    forgetting_field: str = opt("text", "field of forgetting_data holding the text (e.g. text, article)")
+    forgetting_examples: int = opt(32, "texts in the forgetting sample (seeded, the same for every run)")
+    forgetting_tokens: int = opt(256, "each forgetting text is cut to this many tokens")
 
     def validate(self, prefix: str = "eval") -> None:
         check(self.batch_size > 0, f"{prefix}.batch_size", "must be > 0")
         check(self.num_beams > 0, f"{prefix}.num_beams", "must be > 0")
         check(self.max_new_tokens is None or self.max_new_tokens > 0, f"{prefix}.max_new_tokens", "must be > 0")
         check(self.show_examples >= 0, f"{prefix}.show_examples", "must be >= 0")
+        check(self.forgetting_examples > 0, f"{prefix}.forgetting_examples", "must be > 0")
+        check(self.forgetting_tokens >= 2, f"{prefix}.forgetting_tokens", "must be >= 2")
+        if self.forgetting_data is not None:
+            from peftlab.data.readers import check_data_path
+
+            check_data_path(self.forgetting_data, f"{prefix}.forgetting_data")
 
 
 @dataclass

@@ -78,15 +78,15 @@ def open_split(path: str, split: str, hub_config: str | None = None) -> tuple[Ro
     return read_hub(path, split, hub_config)
 
 
-def check_data_path(path: str) -> None:
-    """Refuse a ``data.path`` that is neither ``demo``, an existing local path nor a hub name (run before the model
-    loads, from config validation).
+def check_data_path(path: str, key: str = "data.path") -> None:
+    """Refuse a dataset path (``key``: ``data.path`` or ``eval.forgetting_data``) that is neither ``demo``, an
+    existing local path nor a hub name (run before the model loads, from config validation).
 
     Raises:
-        DataError: naming the path.
+        DataError: naming the key and the path.
     """
     if path != "demo" and not Path(path).expanduser().exists() and not looks_like_hub_name(path):
-        raise DataError(f"data.path {path!r}: no such file or folder (and it is not a hub dataset name)")
+        raise DataError(f"{key} {path!r}: no such file or folder (and it is not a hub dataset name)")
 
 
 def looks_like_hub_name(path: str) -> bool:

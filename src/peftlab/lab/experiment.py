@@ -31,6 +31,7 @@ from peftlab.config import ConfigError, RunConfig, TaskConfig, config_from_dict
 from peftlab.data.dataset import load_examples
 from peftlab.data.encode import PromptEncoder
 from peftlab.durable import atomic_write_json
+from peftlab.evaluation.forgetting import encode_texts, forgetting_texts, text_cross_entropy
 from peftlab.evaluation.generate import ModelPredictor
 from peftlab.lab import results
 from peftlab.methods import get_method
@@ -116,6 +117,34 @@ def build(cfg: RunConfig, adapter: str | Path | None = None, device: torch.devic
     return Setup(cfg, task, tokenizer, method, PromptEncoder(tokenizer, task, cfg.task), fingerprint, device, total)
 
 
+def forgetting_ce(setup: Setup, adapted: bool) -> dict[str, Any] | None:
+    """Cross-entropy on the configured out-of-task sample (``eval.forgetting_*``; None when it is off).
+
+    ``adapted=False`` feeds the text without the method's virtual tokens: right after the method is applied that is
+    the base model (see :mod:`peftlab.evaluation.forgetting`); ``adapted=True`` scores the model as it is used.
+    """
+    ev = setup.cfg.eval
+    if ev.forgetting_data is None:
+        return None
+    texts = forgetting_texts(ev.forgetting_data, ev.forgetting_split, ev.forgetting_field, ev.forgetting_examples)
+    ids = encode_texts(setup.tokenizer, texts, ev.forgetting_tokens)
+    pad = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else setup.tokenizer.eos_token_id
+    ce, tokens = text_cross_entropy(setup.method.model, ids, pad, setup.method.prepare_inputs if adapted else None,
+                                    setup.device, setup.autocast)
+    return {"data": ev.forgetting_data, "split": ev.forgetting_split, "field": ev.forgetting_field,
+            "texts": len(ids), "tokens": tokens, "ce": ce}
+
+
+def _forgetting_record(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``{data, split, field, texts, tokens, before_ce, after_ce, delta_ce}`` (before_ce None if unknown)."""
+    if after is None:
+        return None
+    record = {k: v for k, v in after.items() if k != "ce"}
+    before_ce = before["ce"] if before is not None else None
+    return {**record, "before_ce": before_ce, "after_ce": after["ce"],
+            "delta_ce": after["ce"] - before_ce if before_ce is not None else None}
+
+
 def _check_out_dir(out: Path, resume: bool) -> None:
     if resume:
         return
@@ -192,6 +221,8 @@ def _train_locked(cfg: RunConfig, ctx: DistContext, command: str, on_step: Calla
     _check_out_dir(out, cfg.resume)
     results.reset_peak_memory(ctx.device)  # this run's peak, not an earlier run's in the same process (compare)
     setup = build(cfg, device=ctx.device)
+    # The base model's cross-entropy on out-of-task text, before any step (and before a resume loads weights).
+    forgetting_before = forgetting_ce(setup, adapted=False) if ctx.is_main else None
     train = _load_split(setup, "train", cfg.data.max_train, sample_seed=cfg.data.seed)
     setup.task.fit_labels(train)
     val = _load_split(setup, "validation", cfg.data.max_validation)
@@ -219,7 +250,8 @@ def _train_locked(cfg: RunConfig, ctx: DistContext, command: str, on_step: Calla
     if not ctx.is_main:
         return {}
     info = {"lr": lr, "steps": state.step, "epochs_completed": epochs, "train_examples": len(train),
-            "world_size": ctx.world_size, "skipped_nonfinite_steps": state.skipped_steps}
+            "world_size": ctx.world_size, "skipped_nonfinite_steps": state.skipped_steps,
+            "forgetting_before": forgetting_before}
     return _finish_train(cfg, setup, state, info, out, command, started, commit)
 
 
@@ -238,6 +270,7 @@ def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[st
     head_trains = any(p is head_weight for p in setup.method.trainable_parameters().values())
     frozen_trunk = setup.method.frozen_trunk()
     setup.method.after_training()
+    forgetting = _forgetting_record(info.pop("forgetting_before"), forgetting_ce(setup, adapted=True))
     adapter_dir = save_adapter(setup.method, cfg.method.name, out / "adapter", cfg.model.name, setup.fingerprint,
                                extra={"task": _task_record(cfg.task, setup.task)})
     metrics, samples, speed = evaluate_splits(setup, cfg.eval.splits)
@@ -266,6 +299,7 @@ def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[st
         "val_curve": state.val_curve,
         "best_step": state.best_step,
         "early_stop_step": state.step if state.stopped_early else None,
+        "forgetting": forgetting,
     }
     result = {"schema_version": results.SCHEMA_VERSION, "kind": "train",
               "run_info": _run_info(cfg, setup, command, started, commit), "train_info": train_info,
@@ -312,8 +346,11 @@ def _eval_locked(cfg: RunConfig, command: str) -> dict:
         setup.task.fit_labels(_load_split(setup, "train", None))
     metrics, samples, speed = evaluate_splits(setup, cfg.eval.splits)
     method_name = read_adapter_config(cfg.adapter)["method"] if cfg.adapter else "zero-shot"
+    after = forgetting_ce(setup, adapted=True)
+    # Zero-shot: the model is the base model, so before = after; an adapter's base is not measured here.
+    before = after if not cfg.adapter else None
     train_info = {"method": {"name": method_name, **setup.method.describe()}, **_param_info(setup), "eval": speed,
-                  **results.peak_memory(setup.device)}
+                  **results.peak_memory(setup.device), "forgetting": _forgetting_record(before, after)}
     if not cfg.adapter:
         train_info["trainable_params"] = 0
         train_info["trainable_percent"] = 0.0
