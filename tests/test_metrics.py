@@ -9,12 +9,18 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 from peftlab.evaluation.metrics import (
+    ROUGE_KEYS,
     accuracy,
+    bleu_from_statistics,
+    bleu_statistics,
     corpus_bleu,
     lead_n,
     macro_f1,
+    mean_percent,
     per_label_f1,
+    rouge_f1_per_example,
     rouge_l,
+    rouge_l_per_example,
     rouge_scores,
     split_sentences,
 )
@@ -173,3 +179,64 @@ def test_classification_metrics_reject_bad_input():
         accuracy(["a"], ["a", "b"])
     with pytest.raises(ValueError, match="empty label set"):
         macro_f1(["a"], ["a"], [])
+
+
+# --- per-example scores (paired significance) ----------------------------------------------------------------------
+
+E2E_PREDS = ["The Eagle is a cheap coffee shop near Burger King in the riverside area.",
+             "Fitzbillies is a family friendly Italian restaurant with a high customer rating.",
+             "Near the river.",  # short: the brevity penalty and missing 4-grams
+             "",  # nothing generated
+             "Blue Spice serves Chinese food in the city centre and is not family-friendly, costing more than £30."]
+E2E_REFS = [["The Eagle coffee shop is cheap and near Burger King by the riverside.",
+             "In the riverside area, near Burger King, is The Eagle, a cheap coffee shop.",
+             "The Eagle is a low-priced coffee shop near Burger King in riverside."],
+            ["Fitzbillies is a highly rated, kid friendly Italian restaurant."],
+            ["The Mill is a pub near the river.", "Near the river is The Mill pub."],
+            ["Alimentum serves English food."],
+            ["Blue Spice is an expensive Chinese restaurant in the city centre. It is not family-friendly.",
+             "In the city centre is Blue Spice, a Chinese place that is not kid friendly and costs over £30.",
+             "Blue Spice, a Chinese restaurant in the centre, is not family-friendly.",
+             "Chinese food costing more than £30 at Blue Spice in the city centre; no families."]]
+
+
+def _old_rouge_scores(preds, refs_list):
+    """The mean ROUGE loop as it was before per-example scores existed (the reference for bit-identical means)."""
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_KEYS, 0.0)
+    for pred, refs in zip(preds, refs_list, strict=True):
+        best = scorer.score_multi(["\n".join(split_sentences(r)) for r in refs], "\n".join(split_sentences(pred)))
+        for key in ROUGE_KEYS:
+            totals[key] += best[key].fmeasure
+    return {key: 100.0 * total / len(preds) for key, total in totals.items()}
+
+
+def test_mean_rouge_is_bit_identical_to_the_old_loop_and_the_mean_of_per_example_scores():
+    preds = E2E_PREDS + ["Police arrested two suspects. They were released on Tuesday."]
+    refs = E2E_REFS + [["Two suspects were arrested by police.\nBoth were released Tuesday."]]
+    assert rouge_scores(preds, refs) == _old_rouge_scores(preds, refs)  # exact, not approx
+    per_example = rouge_f1_per_example(preds, refs)
+    assert sorted(per_example) == sorted(ROUGE_KEYS) and all(len(v) == len(preds) for v in per_example.values())
+    assert rouge_scores(preds, refs)["rougeL"] == mean_percent(per_example["rougeL"])
+    old_rouge_l = 100.0 * sum(max(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(r, p)["rougeL"]
+                                  .fmeasure for r in rs) for p, rs in zip(preds, refs, strict=True)) / len(preds)
+    assert rouge_l(preds, refs) == pytest.approx(old_rouge_l, abs=1e-12)
+    assert rouge_l(preds, refs) == mean_percent(rouge_l_per_example(preds, refs))
+
+
+def test_bleu_from_summed_statistics_is_sacrebleus_corpus_bleu():
+    stats = bleu_statistics(E2E_PREDS, E2E_REFS)
+    assert len(stats) == len(E2E_PREDS) and all(len(row) == 10 and all(isinstance(v, int) for v in row)
+                                                 for row in stats)
+    assert stats[3][0] == 0 and stats[2][5] == 0  # nothing generated; "Near the river ." matches no 4-gram
+    width = max(len(r) for r in E2E_REFS)
+    streams = [[r[k] if k < len(r) else None for r in E2E_REFS] for k in range(width)]
+    for subset in (range(5), [0, 1], [2, 3], [4], [0, 2, 4], [3]):
+        preds, refs = [E2E_PREDS[i] for i in subset], [E2E_REFS[i] for i in subset]
+        summed = [sum(stats[i][k] for i in subset) for k in range(10)]
+        assert bleu_from_statistics(summed) == corpus_bleu(preds, refs)  # exact
+    expected = sacrebleu.corpus_bleu(E2E_PREDS, streams).score
+    assert bleu_from_statistics([sum(col) for col in zip(*stats, strict=True)]) == expected
+    assert 0 < expected < 100
+    with pytest.raises(ValueError, match="expected 10 statistics"):
+        bleu_from_statistics([1, 2, 3])

@@ -235,3 +235,63 @@ def test_real_validation_rows_map_to_examples(name, folder):
         assert max(len(ex.references) for ex in examples) > 1
     if name == "summarization":
         assert all("\n" in ex.target for ex in examples)  # highlights, one a line
+
+
+# --- per-example records (paired significance) ---------------------------------------------------------------------
+
+def test_classification_records_label_indices():
+    t = task("classification", labels=["positive", "negative"])  # configured order, not sorted
+    examples = [Example(i, "text", label, [label]) for i, label in {"a": "negative", "b": "positive"}.items()]
+    out = t.evaluate(FakePredictor(scores={"a": [-1.0, -3.0], "b": [-2.0, -0.5]}), examples, None)
+    assert out.predictions == ["positive", "negative"]
+    assert out.per_example == {"predicted": [0, 1], "gold": [1, 0], "labels": ["positive", "negative"]}
+
+
+def test_summarization_records_per_example_rouge_whose_mean_is_the_metric():
+    t = task("summarization")
+    examples = [Example("a", "the cat sat . it was happy . then it slept . the end .", "the cat sat .",
+                        ["the cat sat .\nit was happy ."]),
+                Example("b", "Dogs bark. Birds sing. Fish swim. Cows moo.", "Birds sing.", ["Birds sing loudly."])]
+    out = t.evaluate(FakePredictor({"a": "the cat sat .", "b": "Fish swim and birds sing."}), examples, None)
+    assert sorted(out.per_example) == ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+    for key, values in out.per_example.items():
+        assert len(values) == 2 and all(v == round(v, 4) for v in values)
+        assert sum(values) / 2 == pytest.approx(out.metrics[key], abs=1e-4)  # rounded to 4 decimals
+    lead = out.baseline_per_example["lead-3"]
+    assert sum(lead["rouge1"]) / 2 == pytest.approx(out.baselines["lead-3"]["rouge1"], abs=1e-4)
+    assert out.metrics == rouge_scores(out.predictions, [ex.references for ex in examples])
+
+
+def test_table_to_text_records_bleu_statistics_and_rouge_l():
+    from peftlab.evaluation.metrics import bleu_from_statistics
+
+    t = task("table-to-text")
+    examples = [Example("a", "mr", "the cat sat on the mat", ["the cat sat on the mat"]),
+                Example("b", "mr", "a dog ran in a park", ["a dog ran in a park", "the dog ran fast"])]
+    out = t.evaluate(FakePredictor({"a": "the cat sat on a mat", "b": "the dog ran"}), examples, None)
+    stats = out.per_example["bleu_stats"]
+    assert len(stats) == 2 and all(len(row) == 10 for row in stats)
+    assert bleu_from_statistics([sum(col) for col in zip(*stats, strict=True)]) == out.metrics["bleu"]
+    assert sum(out.per_example["rougeL"]) / 2 == pytest.approx(out.metrics["rougeL"], abs=1e-4)
+
+
+def test_packed_records_are_compact_and_read_back():
+    import json
+    import random
+
+    from peftlab.tasks.base import pack_records, unpack_numbers
+
+    rng = random.Random(0)
+    records = {"bleu_stats": [[rng.randrange(40) for _ in range(10)] for _ in range(1000)],
+               "rougeL": [round(rng.uniform(0, 100), 4) for _ in range(1000)], "labels": ["neg", "pos"],
+               "predicted": [rng.randrange(2) for _ in range(1000)]}
+    packed = pack_records(records)
+    assert packed["labels"] == ["neg", "pos"]
+    assert unpack_numbers(packed["rougeL"]) == records["rougeL"]
+    assert unpack_numbers(packed["predicted"]) == records["predicted"]
+    assert unpack_numbers(packed["bleu_stats"]) == [v for row in records["bleu_stats"] for v in row]
+    # 1,000 table-to-text examples (the largest records) as a result file stores them: indented JSON.
+    stored = {"ids": [f"test-{i}" for i in range(1000)], "bleu_stats": packed["bleu_stats"],
+              "rougeL": packed["rougeL"]}
+    assert len(json.dumps({"per_example": {"test": stored}}, indent=2)) < 60_000
+    assert unpack_numbers([1, 2]) == [1, 2]

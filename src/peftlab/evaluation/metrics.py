@@ -3,6 +3,8 @@
 * ROUGE-1/2/L/Lsum F1 with Google's ``rouge-score`` (Porter stemming; ``rougeLsum`` is the summary-level LCS over
   sentences, which ``rouge-score`` reads as newline-separated lines, so both sides are split into sentences first).
 * Corpus BLEU with ``sacrebleu`` against every reference of every example (variable reference counts supported).
+* Per-example scores for paired significance tests: ROUGE F1 of each example (the means above are their means) and
+  each example's BLEU sufficient statistics (corpus BLEU is a function of their sums).
 * Accuracy and macro-F1 for classification.
 * ``split_sentences`` / ``lead_n``: a dependency-free sentence splitter (no NLTK data downloads) that handles both
   cased prose (``"... of us. I also ..."``) and PTB-tokenized text (``"... of them . many ..."``).
@@ -16,8 +18,10 @@ from functools import lru_cache
 
 import sacrebleu
 from rouge_score import rouge_scorer
+from sacrebleu.metrics.bleu import BLEU
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+BLEU_ORDER = 4  # n-gram orders of BLEU (sacrebleu's default)
 
 # Words that end with a period without ending a sentence (compared lowercased, without the period).
 _ABBREVIATIONS = frozenset(
@@ -122,8 +126,37 @@ def _rouge_scorer() -> rouge_scorer.RougeScorer:
     return rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
 
 
+def rouge_f1_per_example(preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L/Lsum F1 of each example, in [0, 1]; with several references, each key takes the best one.
+
+    Args:
+        preds: one prediction per example.
+        refs_list: the references of each example (at least one each).
+
+    Returns:
+        ``{"rouge1", "rouge2", "rougeL", "rougeLsum"}`` -> one F1 per example, in order.
+    """
+    _check_lengths(preds, refs_list, "rouge_scores")
+    scorer = _rouge_scorer()
+    scores: dict[str, list[float]] = {key: [] for key in ROUGE_KEYS}
+    for i, (pred, refs) in enumerate(zip(preds, refs_list, strict=True)):
+        if not refs:
+            raise ValueError(f"rouge_scores: example {i} has no references")
+        # rougeLsum reads sentences as lines: split both sides the same way.
+        targets = [_one_sentence_per_line(ref) for ref in refs]
+        best = scorer.score_multi(targets, _one_sentence_per_line(pred))
+        for key in ROUGE_KEYS:
+            scores[key].append(best[key].fmeasure)
+    return scores
+
+
+def mean_percent(values: Sequence[float]) -> float:
+    """100 x the mean of per-example scores in [0, 1] (summed in order, so a mean is reproducible bit for bit)."""
+    return 100.0 * sum(values) / len(values)
+
+
 def rouge_scores(preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L/Lsum F1 (x100); with several references, each example takes its best one per key.
+    """Mean ROUGE-1/2/L/Lsum F1 (x100): the mean of :func:`rouge_f1_per_example`.
 
     Args:
         preds: one prediction per example.
@@ -132,38 +165,41 @@ def rouge_scores(preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> di
     Returns:
         ``{"rouge1", "rouge2", "rougeL", "rougeLsum"}`` -> mean F1 in [0, 100].
     """
-    _check_lengths(preds, refs_list, "rouge_scores")
-    scorer = _rouge_scorer()
-    totals = dict.fromkeys(ROUGE_KEYS, 0.0)
-    for i, (pred, refs) in enumerate(zip(preds, refs_list, strict=True)):
-        if not refs:
-            raise ValueError(f"rouge_scores: example {i} has no references")
-        # rougeLsum reads sentences as lines: split both sides the same way.
-        targets = [_one_sentence_per_line(ref) for ref in refs]
-        best = scorer.score_multi(targets, _one_sentence_per_line(pred))
-        for key in ROUGE_KEYS:
-            totals[key] += best[key].fmeasure
-    return {key: 100.0 * total / len(preds) for key, total in totals.items()}
+    return {key: mean_percent(values) for key, values in rouge_f1_per_example(preds, refs_list).items()}
 
 
-def rouge_l(preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> float:
-    """Mean ROUGE-L F1 (x100), the best reference of each example.
+def rouge_l_per_example(preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> list[float]:
+    """ROUGE-L F1 of each example against its best reference, in [0, 1].
 
     Args:
         preds: one prediction per example.
         refs_list: the references of each example (at least one each).
 
     Returns:
-        Mean of max-over-references ROUGE-L F1, in [0, 100].
+        One F1 per example, in order.
     """
     _check_lengths(preds, refs_list, "rouge_l")
     scorer = _rouge_scorer()
-    total = 0.0
+    scores = []
     for i, (pred, refs) in enumerate(zip(preds, refs_list, strict=True)):
         if not refs:
             raise ValueError(f"rouge_l: example {i} has no references")
-        total += max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs)
-    return 100.0 * total / len(preds)
+        scores.append(max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs))
+    return scores
+
+
+def rouge_l(preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> float:
+    """Mean ROUGE-L F1 (x100), the best reference of each example: the mean of :func:`rouge_l_per_example`."""
+    return mean_percent(rouge_l_per_example(preds, refs_list))
+
+
+def _reference_streams(refs_list: Sequence[Sequence[str]], what: str) -> list[list[str | None]]:
+    """sacrebleu's reference streams (stream k = the k-th reference of every example), padded with ``None``."""
+    for i, refs in enumerate(refs_list):
+        if not refs:
+            raise ValueError(f"{what}: example {i} has no references")
+    width = max(len(refs) for refs in refs_list)
+    return [[refs[k] if k < len(refs) else None for refs in refs_list] for k in range(width)]
 
 
 def corpus_bleu(preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> float:
@@ -181,12 +217,52 @@ def corpus_bleu(preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> flo
         BLEU in [0, 100].
     """
     _check_lengths(preds, refs_list, "corpus_bleu")
-    width = max(len(refs) for refs in refs_list)
-    for i, refs in enumerate(refs_list):
-        if not refs:
-            raise ValueError(f"corpus_bleu: example {i} has no references")
-    streams = [[refs[k] if k < len(refs) else None for refs in refs_list] for k in range(width)]
-    return float(sacrebleu.corpus_bleu(list(preds), streams).score)
+    return float(sacrebleu.corpus_bleu(list(preds), _reference_streams(refs_list, "corpus_bleu")).score)
+
+
+@lru_cache(maxsize=1)
+def _bleu() -> BLEU:
+    return BLEU()  # sacrebleu's corpus_bleu defaults: 13a tokenization, 'exp' smoothing, n-grams up to 4
+
+
+def bleu_statistics(preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> list[list[int]]:
+    """sacrebleu's sufficient statistics of each example: ``[sys_len, ref_len, correct1..4, total1..4]``.
+
+    Corpus BLEU is a function of these statistics summed over the examples (:func:`bleu_from_statistics`), so a
+    resample of the examples is scored by summing its rows. Each example is scored as a one-segment corpus against
+    its own references, exactly as :func:`corpus_bleu` scores that segment.
+
+    Args:
+        preds: one prediction per example.
+        refs_list: the references of each example (at least one each, any number).
+
+    Returns:
+        One list of 10 integers per example.
+    """
+    _check_lengths(preds, refs_list, "bleu_statistics")
+    _reference_streams(refs_list, "bleu_statistics")  # the same checks as corpus_bleu
+    bleu = _bleu()
+    rows = []
+    for pred, refs in zip(preds, refs_list, strict=True):
+        score = bleu.corpus_score([pred], [[ref] for ref in refs])
+        rows.append([int(score.sys_len), int(score.ref_len), *map(int, score.counts), *map(int, score.totals)])
+    return rows
+
+
+def bleu_from_statistics(summed: Sequence[int]) -> float:
+    """Corpus BLEU from summed :func:`bleu_statistics` rows (sacrebleu's own formula with 'exp' smoothing).
+
+    Args:
+        summed: ``[sys_len, ref_len, correct1..4, total1..4]`` summed over the examples.
+
+    Returns:
+        BLEU in [0, 100], equal to :func:`corpus_bleu` of those examples.
+    """
+    if len(summed) != 2 + 2 * BLEU_ORDER:
+        raise ValueError(f"bleu_from_statistics: expected {2 + 2 * BLEU_ORDER} statistics, got {len(summed)}")
+    values = [int(v) for v in summed]
+    return float(BLEU.compute_bleu(correct=values[2:2 + BLEU_ORDER], total=values[2 + BLEU_ORDER:],
+                                   sys_len=values[0], ref_len=values[1], smooth_method="exp").score)
 
 
 def accuracy(preds: Sequence[str], golds: Sequence[str]) -> float:

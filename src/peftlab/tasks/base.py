@@ -46,11 +46,64 @@ class Predictor(Protocol):
 
 @dataclass
 class EvalOutput:
-    """Task metrics plus the raw predictions they were computed from."""
+    """Task metrics plus the raw predictions they were computed from.
+
+    ``per_example`` holds, for each example in order, what a paired significance test between two runs needs (the
+    task's choice: label indices, per-example ROUGE F1, BLEU sufficient statistics); lists of one value (or one
+    list of ints) per example, plus constants such as the label list. ``baseline_per_example`` holds the same for
+    each baseline in ``baselines``.
+    """
 
     metrics: dict[str, float]
     predictions: list[str]
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_example: dict[str, list] = field(default_factory=dict)
+    baseline_per_example: dict[str, dict[str, list]] = field(default_factory=dict)
+
+
+def percent_4(values: Sequence[float]) -> list[float]:
+    """Per-example scores in [0, 1] as percentages rounded to 4 decimals (compact, and far finer than any test)."""
+    return [round(100.0 * value, 4) for value in values]
+
+
+def pack_records(records: dict[str, Any]) -> dict[str, Any]:
+    """Per-example records as stored in a result file: every numeric list becomes one string.
+
+    Result files are indented JSON, where a list puts each number on its own line; a 1,000-example split of BLEU
+    statistics would take ~150 KB that way. A list of numbers is stored as ``"v1 v2 ..."``, a list of lists of
+    numbers as ``"a1 a2 ...;b1 b2 ..."`` (one group per example); anything else (ids, label names) is kept.
+    :func:`unpack_numbers` reads either form back.
+    """
+
+    def is_number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    packed: dict[str, Any] = {}
+    for key, values in records.items():
+        if isinstance(values, list) and values and all(is_number(v) for v in values):
+            packed[key] = " ".join(_number_text(v) for v in values)
+        elif isinstance(values, list) and values and all(
+                isinstance(row, list) and all(is_number(v) for v in row) for row in values):
+            packed[key] = ";".join(" ".join(_number_text(v) for v in row) for row in values)
+        else:
+            packed[key] = values
+    return packed
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def unpack_numbers(value: str | list) -> list:
+    """The numbers of a :func:`pack_records` column, flat (reshape a per-example matrix to ``(n_examples, -1)``);
+    a plain JSON list is returned as it is.
+
+    Raises:
+        ValueError: a string that is not space/semicolon-separated numbers.
+    """
+    if not isinstance(value, str):
+        return value
+    return [float(v) for v in value.replace(";", " ").split()]
 
 
 class Task:

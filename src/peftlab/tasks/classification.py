@@ -102,7 +102,8 @@ class ClassificationTask(Task):
             max_new_tokens: unused (kept for the common signature).
 
         Returns:
-            accuracy, macro_f1 and predicted/<label> counts; the predicted label strings.
+            accuracy, macro_f1 and predicted/<label> counts; the predicted label strings; per example, the
+            ``predicted`` and ``gold`` label indices into ``labels`` (stored with them).
         """
         if self.labels is None:
             raise DataError(f"{self.name}: the label set is not known; set task.labels or call fit_labels first")
@@ -117,12 +118,15 @@ class ClassificationTask(Task):
             raise ValueError(f"{self.name}: score_choices must return {len(examples)} rows of "
                              f"{len(self.labels)} scores")
         # argmax over labels; max() keeps the first of equal scores, so ties go to the earlier label.
-        predictions = [self.labels[max(range(len(row)), key=row.__getitem__)] for row in scores]
+        predicted = [max(range(len(row)), key=row.__getitem__) for row in scores]
+        predictions = [self.labels[index] for index in predicted]
         golds = [ex.target for ex in examples]
         metrics = {"accuracy": accuracy(predictions, golds), "macro_f1": macro_f1(predictions, golds, self.labels)}
         for label in self.labels:
             metrics[f"predicted/{label}"] = float(predictions.count(label))
-        return EvalOutput(metrics=metrics, predictions=predictions)
+        per_example = {"predicted": predicted, "gold": [self.labels.index(gold) for gold in golds],
+                       "labels": list(self.labels)}
+        return EvalOutput(metrics=metrics, predictions=predictions, per_example=per_example)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "labels": self.labels}

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import PurePath
 from typing import Any
 
-from peftlab.evaluation.metrics import lead_n, rouge_scores
-from peftlab.tasks.base import DataError, EvalOutput, Example, Predictor, Task, register
+from peftlab.evaluation.metrics import lead_n, mean_percent, rouge_f1_per_example
+from peftlab.tasks.base import DataError, EvalOutput, Example, Predictor, Task, percent_4, register
 
 
 def require_field(row: dict[str, Any], field: str, where: str, role: str) -> Any:
@@ -96,13 +96,24 @@ class SummarizationTask(Task):
             max_new_tokens: generation cap; None uses ``default_max_new_tokens``.
 
         Returns:
-            ROUGE metrics, the cleaned predictions, and ``baselines["lead-3"]`` with the same keys.
+            ROUGE metrics, the cleaned predictions, and ``baselines["lead-3"]`` with the same keys; per example,
+            each ROUGE F1 (x100) of the predictions and of lead-3.
         """
         if not examples:
             raise ValueError(f"{self.name}: no examples to evaluate")
         limit = max_new_tokens if max_new_tokens is not None else self.default_max_new_tokens
         predictions = [cut_at_blank_line(text) for text in predictor.generate(examples, limit)]
         references = [ex.references or [ex.target] for ex in examples]
-        metrics = rouge_scores(predictions, references)
-        lead3 = rouge_scores([lead_n(ex.source, 3) for ex in examples], references)
-        return EvalOutput(metrics=metrics, predictions=predictions, baselines={"lead-3": lead3})
+        scores = rouge_f1_per_example(predictions, references)
+        lead3 = rouge_f1_per_example([lead_n(ex.source, 3) for ex in examples], references)
+        return EvalOutput(metrics=_means(scores), predictions=predictions, baselines={"lead-3": _means(lead3)},
+                          per_example=_records(scores), baseline_per_example={"lead-3": _records(lead3)})
+
+
+def _means(scores: dict[str, list[float]]) -> dict[str, float]:
+    return {key: mean_percent(values) for key, values in scores.items()}
+
+
+def _records(scores: dict[str, list[float]]) -> dict[str, list]:
+    """Per-example ROUGE F1 (x100, 4 decimals) for paired tests; the means above come from the same values."""
+    return {key: percent_4(values) for key, values in scores.items()}

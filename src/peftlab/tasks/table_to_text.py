@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from peftlab.evaluation.metrics import corpus_bleu, rouge_l
-from peftlab.tasks.base import DataError, EvalOutput, Example, Predictor, Task, register
+from peftlab.evaluation.metrics import bleu_statistics, corpus_bleu, mean_percent, rouge_l_per_example
+from peftlab.tasks.base import DataError, EvalOutput, Example, Predictor, Task, percent_4, register
 from peftlab.tasks.summarization import example_id, require_field
 
 
@@ -68,12 +68,16 @@ class TableToTextTask(Task):
             max_new_tokens: generation cap; None uses ``default_max_new_tokens``.
 
         Returns:
-            ``{"bleu", "rougeL"}`` and the predictions (first generated line of each).
+            ``{"bleu", "rougeL"}`` and the predictions (first generated line of each); per example, BLEU's
+            sufficient statistics (``bleu_stats``, see :func:`~peftlab.evaluation.metrics.bleu_statistics`) and
+            ROUGE-L F1 (x100).
         """
         if not examples:
             raise ValueError(f"{self.name}: no examples to evaluate")
         limit = max_new_tokens if max_new_tokens is not None else self.default_max_new_tokens
         predictions = [first_line(text) for text in predictor.generate(examples, limit)]
         references = [ex.references or [ex.target] for ex in examples]
-        metrics = {"bleu": corpus_bleu(predictions, references), "rougeL": rouge_l(predictions, references)}
-        return EvalOutput(metrics=metrics, predictions=predictions)
+        rouge = rouge_l_per_example(predictions, references)
+        metrics = {"bleu": corpus_bleu(predictions, references), "rougeL": mean_percent(rouge)}
+        per_example = {"bleu_stats": bleu_statistics(predictions, references), "rougeL": percent_4(rouge)}
+        return EvalOutput(metrics=metrics, predictions=predictions, per_example=per_example)
