@@ -170,7 +170,8 @@ def lead3_result(zero_shot: dict[str, Any], command: str = "") -> dict[str, Any]
     """The lead-3 baseline as its own result, from the zero-shot run that scored it on the same examples.
 
     Its ``run_info`` is the zero-shot run's (config, machine, versions), with its own command and a
-    ``derived_from`` note, so that readers that de-duplicate copies of one run keep both.
+    ``derived_from`` note, so that readers that de-duplicate copies of one run keep both. Its per-example
+    records are the zero-shot run's lead-3 records, with the same example ids.
     """
     from peftlab.lab.results import SCHEMA_VERSION
 
@@ -180,8 +181,11 @@ def lead3_result(zero_shot: dict[str, Any], command: str = "") -> dict[str, Any]
         raise ValueError("the zero-shot result holds no lead-3 baseline (only summarization computes one)")
     train_info = {"method": {"name": LEAD_3}, "trainable_params": 0, "total_params": 0, "trainable_percent": 0.0}
     run_info = {**zero_shot["run_info"], "command": command, "derived_from": zero_shot.get("grid", {}).get("stem")}
+    per_example = {split: {"ids": values["ids"], **values["baselines"][LEAD_3]}
+                   for split, values in zero_shot.get("per_example", {}).items()
+                   if LEAD_3 in values.get("baselines", {})}
     return {"schema_version": SCHEMA_VERSION, "kind": "baseline", "run_info": run_info,
-            "train_info": train_info, "metrics": metrics, "samples": {}}
+            "train_info": train_info, "metrics": metrics, "samples": {}, "per_example": per_example}
 
 
 def _execute(run: PlannedRun, status: Status, done: dict[str, dict[str, Any]], command: str,

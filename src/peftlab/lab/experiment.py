@@ -40,6 +40,7 @@ from peftlab.methods.io import load_adapter, read_adapter_config, save_adapter
 from peftlab.models.arch import arch_fingerprint, output_head, transformer_blocks
 from peftlab.models.loading import load_model_and_tokenizer
 from peftlab.tasks import Example, Task, get_task
+from peftlab.tasks.base import pack_records
 from peftlab.training.checkpoint import latest_checkpoint
 from peftlab.training.distributed import DistContext, init_distributed, is_main
 from peftlab.training.run_lock import folder_lock
@@ -162,9 +163,11 @@ def _load_split(setup: Setup, which: str, limit: int | None, sample_seed: int | 
     return examples
 
 
-def evaluate_splits(setup: Setup, splits: list[str], merge: bool = True) -> tuple[dict, dict, dict]:
-    """Task metrics, a few samples and throughput for each split (LoRA-style methods merged while evaluating)."""
-    metrics, samples, speed = {}, {}, {}
+def evaluate_splits(setup: Setup, splits: list[str], merge: bool = True) -> tuple[dict, dict, dict, dict]:
+    """Task metrics, a few samples, throughput and per-example records (for paired significance tests: example ids
+    plus the task's records, baselines' under ``"baselines"``) for each split (LoRA-style methods merged while
+    evaluating)."""
+    metrics, samples, speed, per_example = {}, {}, {}, {}
     cfg = setup.cfg
     # Merging into a bf16/fp16 base would round small updates away; merge only into fp32 weights.
     merged = merge and setup.method.mergeable and cfg.model.dtype == "float32"
@@ -180,6 +183,10 @@ def evaluate_splits(setup: Setup, splits: list[str], merge: bool = True) -> tupl
             metrics[split] = {**output.metrics, "n_examples": len(examples)}
             if output.baselines:
                 metrics[split]["baselines"] = output.baselines
+            per_example[split] = {"ids": [e.id for e in examples], **pack_records(output.per_example)}
+            if output.baseline_per_example:
+                per_example[split]["baselines"] = {name: pack_records(records)
+                                                   for name, records in output.baseline_per_example.items()}
             speed[split] = {"eval_seconds": seconds, "eval_examples_per_s": len(examples) / max(seconds, 1e-9)}
             shown = list(zip(examples, output.predictions, strict=True))[: cfg.eval.show_examples]
             samples[split] = [{"id": e.id, "source": e.source[:600], "prediction": p, "references": e.references[:4]}
@@ -187,7 +194,7 @@ def evaluate_splits(setup: Setup, splits: list[str], merge: bool = True) -> tupl
     finally:
         if merged:
             setup.method.unmerge()
-    return metrics, samples, speed
+    return metrics, samples, speed, per_example
 
 
 def _run_info(cfg: RunConfig, setup: Setup, command: str, started: float, commit: str | None) -> dict[str, Any]:
@@ -273,7 +280,7 @@ def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[st
     forgetting = _forgetting_record(info.pop("forgetting_before"), forgetting_ce(setup, adapted=True))
     adapter_dir = save_adapter(setup.method, cfg.method.name, out / "adapter", cfg.model.name, setup.fingerprint,
                                extra={"task": _task_record(cfg.task, setup.task)})
-    metrics, samples, speed = evaluate_splits(setup, cfg.eval.splits)
+    metrics, samples, speed, per_example = evaluate_splits(setup, cfg.eval.splits)
     head = head_weight.numel()
     # The body: every weight of the transformer blocks (what each trunk token multiplies), not embedding or head.
     body = sum(p.numel() for block in transformer_blocks(setup.method.model) for p in block.parameters())
@@ -303,7 +310,7 @@ def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[st
     }
     result = {"schema_version": results.SCHEMA_VERSION, "kind": "train",
               "run_info": _run_info(cfg, setup, command, started, commit), "train_info": train_info,
-              "metrics": metrics, "samples": samples}
+              "metrics": metrics, "samples": samples, "per_example": per_example}
     atomic_write_json(out / RESULT_NAME, result)
     return result
 
@@ -344,7 +351,7 @@ def _eval_locked(cfg: RunConfig, command: str) -> dict:
         setup = _zero_shot_setup(cfg)
     if setup.task.needs_train_labels and not cfg.task.labels:
         setup.task.fit_labels(_load_split(setup, "train", None))
-    metrics, samples, speed = evaluate_splits(setup, cfg.eval.splits)
+    metrics, samples, speed, per_example = evaluate_splits(setup, cfg.eval.splits)
     method_name = read_adapter_config(cfg.adapter)["method"] if cfg.adapter else "zero-shot"
     after = forgetting_ce(setup, adapted=True)
     # Zero-shot: the model is the base model, so before = after; an adapter's base is not measured here.
@@ -356,7 +363,7 @@ def _eval_locked(cfg: RunConfig, command: str) -> dict:
         train_info["trainable_percent"] = 0.0
     result = {"schema_version": results.SCHEMA_VERSION, "kind": "eval",
               "run_info": _run_info(cfg, setup, command, started, commit), "train_info": train_info,
-              "metrics": metrics, "samples": samples}
+              "metrics": metrics, "samples": samples, "per_example": per_example}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / RESULT_NAME, result)
     return result

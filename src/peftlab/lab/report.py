@@ -25,6 +25,7 @@ from typing import Any
 
 from peftlab.durable import atomic_write_bytes, atomic_write_text
 from peftlab.lab.report_render import Block, Heading, Image, Para, Pre, Table, slug, to_html, to_markdown
+from peftlab.lab.significance import significance_blocks, with_example_intervals
 from peftlab.lab.table import METRIC_ORDER, format_bytes, format_count
 
 STEM_RE = re.compile(r"(?P<method>.+?)--(?P<variant>.+?)--n(?P<n>\d+|all)--seed(?P<seed>\d+)")
@@ -446,7 +447,9 @@ def build_blocks(root: Path, split: str = "test") -> list[Block]:
         task_split = choose_split(groups, split)
         add_embedded_baselines(groups, task_split)
         metrics = metric_names(groups, task_split)
-        blocks += [Heading(2, f"Task: {task} ({task_split} split)"), summary_table(groups, task_split, metrics)]
+        summary = with_example_intervals(summary_table(groups, task_split, metrics), groups, task_split, metrics)
+        blocks += [Heading(2, f"Task: {task} ({task_split} split)"), summary]
+        blocks += significance_blocks(groups, task_split, metrics)  # paired tests over the test examples
         blocks += plot_blocks(task, groups, task_split, metrics)
         blocks += sample_blocks(groups, task_split) + run_blocks(groups, root)
     return blocks + analysis_blocks(root)
