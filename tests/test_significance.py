@@ -258,3 +258,29 @@ def test_demo_data_zero_shot_records_bleu_statistics_that_reproduce_its_bleu(tin
     assert available_metrics(cell) == ["rougeL", "bleu"]
     summed = cell.seeds[0]["bleu_stats"].sum(axis=0).astype(int)
     assert bleu_from_statistics(summed) == pytest.approx(saved["metrics"]["test"]["bleu"], abs=1e-9)
+
+
+def test_train_and_classification_eval_write_per_example_records(tiny_llama_dir, tmp_path):
+    import gzip
+
+    from peftlab.config import load_config
+    from peftlab.lab.experiment import eval_run, train_run
+
+    fast = ["data.max_validation=2", "data.max_test=3", "train.max_steps=1", "train.batch_size=2",
+            "train.eval_examples=0", "eval.max_new_tokens=4"]
+    trained = train_run(load_config(None, [f"model={tiny_llama_dir}", "task=table-to-text", "data=demo",
+                                           f"out={tmp_path / 'lora'}", "method=lora", *fast]))
+    records = json.loads((tmp_path / "lora" / "result.json").read_text())["per_example"]["test"]
+    assert records == trained["per_example"]["test"] and len(records["ids"]) == 3
+    data = tmp_path / "reviews"
+    data.mkdir()
+    rows = [{"id": f"r{i}", "text": f"review {i}", "label": "positive" if i % 2 else "negative"} for i in range(6)]
+    for split in ("train", "validation", "test"):
+        with gzip.open(data / f"{split}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    result = eval_run(load_config(None, [f"model={tiny_llama_dir}", "task=classification", f"data={data}",
+                                         f"out={tmp_path / 'zs'}"]))
+    cell = make_cell("zero-shot", [result["per_example"]["test"]])
+    assert cell.ids == [f"r{i}" for i in range(6)] and cell.n_labels == 2
+    assert list(cell.seeds[0]["gold"]) == [0, 1, 0, 1, 0, 1]  # labels sorted: negative, positive
+    assert cell_interval(cell, "accuracy", resamples=50).value == pytest.approx(result["metrics"]["test"]["accuracy"])

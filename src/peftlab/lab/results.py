@@ -8,6 +8,14 @@ Schema (``schema_version`` 1)::
                 adapter bytes, loss curve, validation curve, best/early-stop step
     metrics:    {split: {metric: value}}, plus baselines (e.g. lead-3) under metrics[split]["baselines"]
     samples:    {split: [{id, source, prediction, references}]}  (a few generated outputs)
+    per_example: {split: {ids: [example id, ...], <record>: ..., baselines: {name: {<record>: ...}}}}, what a
+                paired significance test needs (peftlab.lab.significance), one value per example in ``ids``
+                order: classification ``predicted``/``gold`` label indices into ``labels``; summarization
+                ``rouge1/rouge2/rougeL/rougeLsum`` F1 x100; table-to-text ``bleu_stats`` (sacrebleu's
+                [sys_len, ref_len, correct1..4, total1..4]) and ``rougeL``. Numeric records are packed as one
+                string of space-separated numbers (``;`` between examples' BLEU rows; peftlab.tasks.base
+                pack_records / unpack_numbers) to keep indented JSON small. Absent in older files (the
+                report then omits significance and says so); not part of ``schema_version``.
 """
 
 from __future__ import annotations

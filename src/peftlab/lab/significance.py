@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -220,12 +221,18 @@ def metric_from_sums(metric: str, sums: np.ndarray) -> np.ndarray:
     return scale * sums[..., 0] / sums[..., 1]
 
 
+@lru_cache(maxsize=8)
 def resample_counts(n: int, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> np.ndarray:
-    """How often each of ``n`` examples is drawn in each of ``resamples`` bootstrap resamples: (resamples, n)."""
+    """How often each of ``n`` examples is drawn in each of ``resamples`` bootstrap resamples: (resamples, n).
+
+    Cached (read-only): every cell and pair of a report on the same examples shares one draw.
+    """
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n, size=(resamples, n))
     flat = (draws + n * np.arange(resamples)[:, None]).ravel()
-    return np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(np.float64)
+    counts = np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(np.float64)
+    counts.flags.writeable = False
+    return counts
 
 
 # --------------------------------------------------------------------------------------------------- tests
