@@ -284,3 +284,25 @@ def test_train_and_classification_eval_write_per_example_records(tiny_llama_dir,
     assert cell.ids == [f"r{i}" for i in range(6)] and cell.n_labels == 2
     assert list(cell.seeds[0]["gold"]) == [0, 1, 0, 1, 0, 1]  # labels sorted: negative, positive
     assert cell_interval(cell, "accuracy", resamples=50).value == pytest.approx(result["metrics"]["test"]["accuracy"])
+
+
+def test_a_baseline_read_from_another_runs_metrics_is_compared_with_its_records(tmp_path):
+    from peftlab.lab.report import add_embedded_baselines
+
+    folder = tmp_path / "summarization"
+    folder.mkdir()
+    ids, rng = _ids(50), np.random.default_rng(4)
+    for method, n, level in (("zero-shot", 0, 20.0), ("lora", 16, 30.0)):
+        records = {"ids": ids, **pack_records({"rougeL": np.round(rng.normal(level, 5, 50), 4).tolist()})}
+        metrics = {"rougeL": level, "n_examples": 50}
+        if method == "zero-shot":  # lead-3 scored inside the zero-shot run, no lead-3 file of its own
+            records["baselines"] = {"lead-3": pack_records({"rougeL": np.round(rng.normal(25, 5, 50), 4).tolist()})}
+            metrics["baselines"] = {"lead-3": {"rougeL": 25.0}}
+        data = {"metrics": {"test": metrics}, "per_example": {"test": records},
+                "grid": {"method": method, "variant": "default", "n_train": n, "seed": 0}}
+        (folder / f"{method}--default--n{n}--seed0.json").write_text(json.dumps(data))
+    groups = group_runs(load_runs(tmp_path))["summarization"]
+    add_embedded_baselines(groups, "test")
+    blocks = significance_blocks(groups, "test", ["rougeL"], resamples=200)
+    versus_best = next(b for b in blocks if hasattr(b, "rows"))
+    assert [row[0] for row in versus_best.rows] == ["lora", "lead-3", "zero-shot"]
