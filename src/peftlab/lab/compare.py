@@ -34,6 +34,7 @@ from typing import Any
 from peftlab.config import ConfigError
 from peftlab.lab.compare_grid import (
     LEAD_3,
+    PILOT,
     ZERO_SHOT,
     GridSpec,
     PlannedRun,
@@ -54,6 +55,8 @@ and the grid keys:
   seeds: [0, 1]                   train.seed and data.seed
   budget: null                    or '0.1%' / 150000: size every method to this many trainable parameters
   baselines: true                 zero-shot base model, + lead-3 for summarization
+  lr_pilot: {factors: [0.3, 1, 3], steps: 30, validation: 100}
+                                  pick each method's learning rate by short pilots first (null: off)
   results: results                root folder
 
 Overrides: grid keys (seeds=[0] n_train=[50]) replace the file's value; section keys (train.max_steps=20) set the
@@ -133,10 +136,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _check_same(run: PlannedRun, path: Path, recorded: dict[str, Any] | None) -> None:
-    """A file of an earlier invocation counts only if it was made with this run's settings."""
+    """A file of an earlier invocation counts only if it was made with this run's settings (a run whose learning
+    rate a pilot has not set yet is compared on everything else)."""
     if recorded is None:
         return
-    diffs = config_differences(recorded, run.cfg, evaluation_only=run.kind != "train")
+    pending_lr = ("train.lr",) if run.pilot_group is not None and "lr_pilot" not in run.grid else ()
+    diffs = config_differences(recorded, run.cfg, evaluation_only=run.kind not in ("train", PILOT),
+                               ignore=pending_lr)
     if diffs:
         shown = "; ".join(diffs[:6]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 6 else "")
         raise ConfigError(f"{path} was made with other settings than grid run {run.stem} ({shown}); delete it "
@@ -188,12 +194,28 @@ def lead3_result(zero_shot: dict[str, Any], command: str = "") -> dict[str, Any]
             "train_info": train_info, "metrics": metrics, "samples": {}, "per_example": per_example}
 
 
+def _train_pilot(cfg: Any, command: str, on_step: Callable[[Any], None] | None) -> dict[str, Any]:
+    """A pilot's result; a pilot whose loss went non-finite is a result too (``diverged``: it loses the choice)."""
+    from peftlab.lab.experiment import train_run
+    from peftlab.training.trainer import NonFiniteError
+
+    try:
+        return train_run(cfg, command=command, on_step=on_step)
+    except NonFiniteError as exc:
+        return {"kind": PILOT, "diverged": str(exc), "run_info": {"config": cfg.to_dict(), "command": command},
+                "train_info": {"val_curve": []}, "metrics": {}}
+
+
 def _execute(run: PlannedRun, status: Status, done: dict[str, dict[str, Any]], command: str,
              on_step: Callable[[Any], None] | None) -> dict[str, Any]:
     import dataclasses
 
     from peftlab.lab.experiment import RESULT_NAME, eval_run, load_result, train_run
 
+    if run.kind == "train" and run.pilot_group is not None and "lr_pilot" not in run.grid:
+        raise ConfigError(f"{run.stem}: its learning rate comes from the pilots of {run.pilot_group}, which have "
+                          "not all finished (with --shard, run `peftlab compare GRID --pilots-only` first, in one "
+                          "process)")
     if run.kind == LEAD_3:
         zero_shot = next(r for r in done.values() if r.get("grid", {}).get("method") == ZERO_SHOT)
         return lead3_result(zero_shot, command=f"{command} ({run.stem})")
@@ -202,6 +224,8 @@ def _execute(run: PlannedRun, status: Status, done: dict[str, dict[str, Any]], c
     if run.kind == ZERO_SHOT:
         return eval_run(run.cfg, command=f"{command} ({run.stem})")
     cfg = dataclasses.replace(run.cfg, resume=status == "resume")
+    if run.kind == PILOT:
+        return _train_pilot(cfg, f"{command} ({run.stem})", on_step)
     return train_run(cfg, command=f"{command} ({run.stem})", on_step=on_step)
 
 
@@ -235,8 +259,11 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
         log: where progress lines go.
     """
     from peftlab.durable import atomic_write_json
+    from peftlab.lab.lr_pilot import resolve
     from peftlab.training.distributed import is_main
 
+    pilots_done = {r.stem: _read_json(r.result_path) for r in runs if r.kind == PILOT and r.result_path.exists()}
+    resolve(runs, pilots_done)
     statuses = [run_status(r) for r in runs]
     if not is_main():
         for run, status in zip(runs, statuses, strict=True):
@@ -263,6 +290,13 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
         atomic_write_json(run.result_path, result)
         done[run.stem] = result
         seconds = time.perf_counter() - t0
+        if run.kind == PILOT:
+            pilots_done[run.stem] = result
+            record = resolve(runs, pilots_done).get(run.pilot_group or "")
+            if record is not None:  # this pilot was its group's last one (finished pilots are skipped above)
+                log(f"{tag}: lr pilot of {run.pilot_group}: lr {record['chosen_lr']:.3g} chosen "
+                    f"(x{record['chosen_factor']:g} the untuned rate), validation loss "
+                    f"{_loss(record['chosen_val_loss'])} against {_loss(record['default_val_loss'])} untuned")
         if status in ("new", "resume") and run.kind != LEAD_3:
             seconds_per_run.append(seconds)
             left -= 1
@@ -271,7 +305,11 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
         used = result.get("train_info", {}).get("train_examples")
         if run.kind == "train" and run.grid["n_train"] is not None and used is not None and used < run.grid["n_train"]:
             log(f"{tag}: note: N={run.grid['n_train']} asked for, but the training split has only {used} examples")
-    return [done[r.stem] for r in runs]
+    return [done[r.stem] for r in runs if r.kind != PILOT]
+
+
+def _loss(value: float | None) -> str:
+    return "diverged" if value is None else f"{value:.4f}"
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -308,23 +346,45 @@ def describe_plan(runs: list[PlannedRun]) -> str:
     """One line per run: its number, stem, what an invocation would do with it, and its method options."""
     action = {"done": "skip (done)", "finished": "record (finished)", "resume": "resume", "new": "run"}
     lines = []
+    from peftlab.lab.lr_pilot import resolve
+
+    resolve(runs, {r.stem: _read_json(r.result_path) for r in runs if r.kind == PILOT and r.result_path.exists()})
     for k, run in enumerate(runs, 1):
         options = "" if run.kind != "train" else f"  {run.cfg.method.name} {json.dumps(run.cfg.method.options)}"
+        if run.kind == PILOT:
+            options = f"  lr {run.cfg.train.lr:.3g} for {run.cfg.train.max_steps} steps"
+        elif run.pilot_group is not None:
+            options += "  lr: " + (f"{run.cfg.train.lr:.3g} (pilot)" if "lr_pilot" in run.grid else "from its pilots")
         lines.append(f"[{k}/{len(runs)}] {run.stem:<48} {action[run_status(run)]:<18}{options}".rstrip())
     return "\n".join(lines)
 
 
 def compare(grid_path: str | Path, overrides: list[str] | None = None, dry_run: bool = False,
-            command: str = "peftlab compare", shard: str | None = None) -> list[dict[str, Any]]:
-    """Load, plan and run a grid (or shard ``k/n`` of it, :mod:`peftlab.lab.shard`); prints progress and a summary
-    table. Returns the results (none on a dry run)."""
+            command: str = "peftlab compare", shard: str | None = None,
+            pilots_only: bool = False) -> list[dict[str, Any]]:
+    """Load, plan and run a grid (or shard ``k/n`` of it, :mod:`peftlab.lab.shard`; or only its learning-rate pilots);
+    prints progress and a summary table. Returns the results (none on a dry run or for pilots only)."""
+    from peftlab.lab.lr_pilot import resolve, unresolved
     from peftlab.lab.shard import parse_shard, select_shard
 
     spec = load_grid(grid_path, overrides)
     runs = plan(spec)
     lock: dict[str, str] = {}
-    if shard is not None:
+    if pilots_only:
+        runs = [r for r in runs if r.kind == PILOT]
+        if not runs:
+            raise ConfigError(f"--pilots-only: {grid_path} has no lr_pilot: (nothing to run)")
+        lock["name"] = ".lock-pilots"
+    elif shard is not None:
         k, n = parse_shard(shard)
+        # Shards train at rates their pilots chose: every pilot must have finished (one process, --pilots-only).
+        resolve(runs, {r.stem: _read_json(r.result_path) for r in runs if r.kind == PILOT and r.result_path.exists()})
+        runs = [r for r in runs if r.kind != PILOT]
+        pending = unresolved(runs)
+        if pending and not dry_run:
+            raise ConfigError(f"--shard: the lr pilots of {', '.join(pending)} have not finished; run them first in "
+                              f"one process: peftlab compare {grid_path} --pilots-only (same overrides), then the "
+                              "shards")
         runs = select_shard(runs, [r.kind for r in runs], k, n)
         lock["name"] = f".lock-shard-{k}-of-{n}"  # shards share the results folder; each run's out has its own lock
         print(f"[compare] shard {k}/{n}: {len(runs)} of the grid's runs")
@@ -340,8 +400,8 @@ def compare(grid_path: str | Path, overrides: list[str] | None = None, dry_run: 
     # One invocation per results folder: two would train the same runs into the same run folders.
     with folder_lock(Path(spec.results) / spec.name, "results", enabled=is_main(), **lock):
         results = run_grid(runs, command=command)
-    if not results:  # a helper rank of a multi-process launch
-        return results
+    if pilots_only or not results:  # only pilots, or a helper rank of a multi-process launch
+        return []
     root = Path(spec.results) / spec.name
     print(f"\n{spec.name}: {runs[0].cfg.task.name}, {runs[0].cfg.model.name} (test split)\n")
     print(summary_table(results))
@@ -353,7 +413,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     """The ``peftlab compare`` handler; an interrupt exits 130 with a hint (finished runs are kept)."""
     command = "peftlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        compare(ns.grid, ns.overrides, ns.dry_run, command=command, shard=ns.shard)
+        compare(ns.grid, ns.overrides, ns.dry_run, command=command, shard=ns.shard, pilots_only=ns.pilots_only)
     except KeyboardInterrupt:
         print("\npeftlab: interrupted; finished runs are kept and the interrupted run resumes from its last "
               "checkpoint: run the same command again", file=sys.stderr)
@@ -372,5 +432,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--shard", metavar="k/n", default=None,
                    help="run only shard k of n (1 <= k <= n): a deterministic split of the grid's runs for a job "
                         "array or n machines sharing the results folder; `peftlab report` merges them")
+    p.add_argument("--pilots-only", action="store_true",
+                   help="run only the grid's learning-rate pilots (lr_pilot:), e.g. before starting --shard jobs")
     p.set_defaults(func=cmd_compare)
     return p

@@ -18,7 +18,15 @@ A grid is one YAML file (see ``configs/compare/``)::
     seeds: [0, 1]              # train.seed and data.seed
     budget: null               # or "0.1%" / 150000: size every method to this many trainable parameters
     baselines: true            # zero-shot base model (+ lead-3 for summarization)
+    lr_pilot: null             # or {factors: [0.3, 1, 3], steps: 30, validation: 100}: see below
     results: results
+
+Learning rate per method (``lr_pilot``): each (method, variant) first trains short pilots, one per candidate
+learning rate (``factor`` x the lr the run would use: its ``train.lr``, or the method's default), for ``steps``
+optimizer steps on the grid's largest training set with its first seed, and scores each by the validation loss on
+``validation`` examples. Every run of that (method, variant) then trains at the candidate with the lowest loss
+(ties: the factor nearest 1); a diverged pilot (non-finite loss) loses. Pilots write
+``<results>/<name>/pilots/<stem>.json``; each run's ``grid.lr_pilot`` record says what was tried and chosen.
 
 Precedence, lowest first: dataclass defaults, the shared sections, command-line overrides of the shared sections,
 the method's ``options`` and ``overrides``, its variant, then the grid's own ``n_train``/``seeds``/``budget``.
@@ -39,12 +47,13 @@ from typing import Any
 from peftlab.config import PRIMARY_FIELD, ConfigError, RunConfig, config_from_dict, parse_override, read_yaml_mapping
 
 SHARED_SECTIONS = ("model", "task", "data", "train", "eval")
-GRID_KEYS = ("name", "methods", "n_train", "seeds", "budget", "baselines", "results")
+GRID_KEYS = ("name", "methods", "n_train", "seeds", "budget", "baselines", "lr_pilot", "results")
+PILOT_KEYS = ("factors", "steps", "validation")
 ENTRY_KEYS = ("name", "options", "variants", "overrides")
 # RunConfig keys a grid sets itself: a grid file or override naming them is an error with this hint.
 OWNED_BY_GRID = {"method": "use the methods: list", "out": "runs go under results/<name>/runs/",
                  "resume": "interrupted runs are resumed automatically", "adapter": "use peftlab eval"}
-ZERO_SHOT, LEAD_3 = "zero-shot", "lead-3"
+ZERO_SHOT, LEAD_3, PILOT = "zero-shot", "lead-3", "pilot"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=%-]")
 
 
@@ -60,6 +69,15 @@ class MethodEntry:
 
 
 @dataclass
+class LrPilot:
+    """``lr_pilot:`` of a grid: candidate factors of each method's learning rate, pilot length and validation size."""
+
+    factors: list[float]
+    steps: int = 30
+    validation: int | None = 100
+
+
+@dataclass
 class GridSpec:
     """A parsed grid file with command-line overrides applied (nothing validated against methods yet)."""
 
@@ -72,6 +90,7 @@ class GridSpec:
     baselines: bool
     results: str
     name: str
+    lr_pilot: LrPilot | None = None
 
 
 @dataclass
@@ -79,11 +98,13 @@ class PlannedRun:
     """One run of the grid: its validated config, where it writes, and the ``grid`` record of its result."""
 
     stem: str
-    kind: str  # "train" | "zero-shot" | "lead-3"
+    kind: str  # "train" | "zero-shot" | "lead-3" | "pilot"
     cfg: RunConfig
     grid: dict[str, Any]
     result_path: Path
     run_dir: Path
+    # lr_pilot: the (method, variant) group whose pilots set this run's learning rate (train and pilot runs)
+    pilot_group: str | None = None
 
 
 def _unknown(where: str, key: str, valid: list[str] | tuple[str, ...], hint: str = "") -> ConfigError:
@@ -117,6 +138,36 @@ def _seeds(values: Any, where: str) -> list[int]:
         if not isinstance(s, int) or isinstance(s, bool) or s < 0:
             raise ConfigError(f"{where}: seeds must be integers >= 0; got {s!r}")
     return seeds
+
+
+def _positive_int(value: Any, where: str, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{where}: must be an integer > 0{' or null' if allow_none else ''}; got {value!r}")
+    return value
+
+
+def _lr_pilot(value: Any, where: str) -> LrPilot | None:
+    """``lr_pilot: null | {factors: [...], steps: N, validation: N}``, checked key by key."""
+    if value is None or value is False:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be null or a mapping with keys {', '.join(PILOT_KEYS)} "
+                          "(e.g. {factors: [0.3, 1, 3], steps: 30, validation: 100})")
+    for key in value:
+        if key not in PILOT_KEYS:
+            raise _unknown(where, str(key), PILOT_KEYS)
+    factors = value.get("factors", [0.3, 1, 3])
+    if (not isinstance(factors, list) or not factors
+            or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0 for f in factors)):
+        raise ConfigError(f"{where}.factors: must be a non-empty list of numbers > 0 (multiples of each method's "
+                          f"learning rate); got {factors!r}")
+    if len(set(factors)) != len(factors):
+        raise ConfigError(f"{where}.factors: {factors!r} repeats a value")
+    return LrPilot(factors=[float(f) for f in factors],
+                   steps=_positive_int(value.get("steps", 30), f"{where}.steps"),
+                   validation=_positive_int(value.get("validation", 100), f"{where}.validation", allow_none=True))
 
 
 def _check_run_key(key: str, where: str) -> None:
@@ -231,7 +282,8 @@ def parse_grid(data: dict[str, Any], source: str = "<grid>", overrides: list[str
     n_train = _n_train(grid["n_train"], f"{source}: n_train") if "n_train" in grid else [base.data.max_train]
     return GridSpec(source=source, shared=shared, methods=entries, n_train=n_train,
                     seeds=_seeds(grid.get("seeds", [0]), f"{source}: seeds"), budget=budget, baselines=baselines,
-                    results=str(grid.get("results") or "results"), name=name)
+                    results=str(grid.get("results") or "results"), name=name,
+                    lr_pilot=_lr_pilot(grid.get("lr_pilot"), f"{source}: lr_pilot"))
 
 
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridSpec:
@@ -291,10 +343,38 @@ def _build(spec: GridSpec, entry: MethodEntry | None, assignment: dict[str, Any]
     return cfg
 
 
-def _planned(spec: GridSpec, kind: str, stem: str, cfg: RunConfig, record: dict[str, Any]) -> PlannedRun:
+def _planned(spec: GridSpec, kind: str, stem: str, cfg: RunConfig, record: dict[str, Any],
+             group: str | None = None) -> PlannedRun:
     root = Path(spec.results) / spec.name
+    if kind == PILOT:  # apart from the runs, so that reports never take a pilot for a result
+        root = root / "pilots"
     return PlannedRun(stem=stem, kind=kind, cfg=cfg, grid={**record, "stem": stem},
-                      result_path=root / f"{stem}.json", run_dir=root / "runs" / stem)
+                      result_path=root / f"{stem}.json",
+                      run_dir=root / stem if kind == PILOT else root / "runs" / stem, pilot_group=group)
+
+
+def base_lr(cfg: RunConfig) -> float:
+    """The learning rate a run trains at without a pilot: ``train.lr``, or its method's default."""
+    from peftlab.methods import get_method  # the registry lives above config
+
+    return float(cfg.train.lr or get_method(cfg.method.name).default_lr)
+
+
+def _pilot_runs(spec: GridSpec, group: str, train_cfg: RunConfig, pilot_out: Path,
+                record: dict[str, Any]) -> list[PlannedRun]:
+    """One short pilot per candidate learning rate for the runs of ``group`` (see the module docstring)."""
+    assert spec.lr_pilot is not None
+    runs = []
+    for factor in spec.lr_pilot.factors:
+        lr = factor * base_lr(train_cfg)
+        stem = f"{PILOT}--{group}--lr{lr:.3g}"
+        data = dataclasses.replace(train_cfg.data, max_validation=spec.lr_pilot.validation)
+        train = dataclasses.replace(train_cfg.train, lr=lr, max_steps=spec.lr_pilot.steps, eval_every=0, patience=0)
+        evaluation = dataclasses.replace(train_cfg.eval, splits=[], forgetting_data=None)
+        cfg = dataclasses.replace(train_cfg, data=data, train=train, eval=evaluation, out=str(pilot_out / stem))
+        cfg.validate()
+        runs.append(_planned(spec, PILOT, stem, cfg, {**record, "lr": lr, "factor": factor}, group))
+    return runs
 
 
 def _baselines(spec: GridSpec) -> list[PlannedRun]:
@@ -336,8 +416,12 @@ def expand_grid(spec: GridSpec, solver: BudgetSolver | None = None, shape: Any =
             would write the same file.
     """
     runs = _baselines(spec)
+    n_baselines = len(runs)
+    pilots: list[PlannedRun] = []
     seen: dict[str, str] = {}
     configs: dict[str, str] = {}
+    # Pilots run on the largest training set ("all" is the largest) with the first seed.
+    pilot_n = None if None in spec.n_train else max(n for n in spec.n_train if n is not None)
     for n, seed, entry in itertools.product(spec.n_train, spec.seeds, spec.methods):
         for assignment in _variants(entry):
             label = variant_label(assignment)
@@ -362,7 +446,12 @@ def expand_grid(spec: GridSpec, solver: BudgetSolver | None = None, shape: Any =
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {exc}") from exc
             _check_distinct(cfg, where, configs)
-            runs.append(_planned(spec, "train", stem, cfg, record))
+            group = f"{entry.name}--{label}" if spec.lr_pilot is not None else None
+            if group is not None and n == pilot_n and seed == spec.seeds[0]:
+                pilot_record = {**record, "n_train": n, "seed": seed}
+                pilots += _pilot_runs(spec, group, cfg, Path(spec.results) / spec.name / "pilots", pilot_record)
+            runs.append(_planned(spec, "train", stem, cfg, record, group))
+    runs[n_baselines:n_baselines] = pilots  # after the baselines, before any training run
     if not runs:
         raise ConfigError(f"{spec.source}: the grid has no runs (methods: is empty and baselines: false)")
     return runs
@@ -399,8 +488,9 @@ def _matters_for_evaluation(key: str) -> bool:
     return not key.startswith("method.") and key not in ("data.max_train", "data.seed")
 
 
-def config_differences(recorded: dict[str, Any], planned: RunConfig, evaluation_only: bool = False) -> list[str]:
-    """``key: recorded -> planned`` for each setting that differs (ignoring :data:`IGNORED_KEYS`).
+def config_differences(recorded: dict[str, Any], planned: RunConfig, evaluation_only: bool = False,
+                       ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key: recorded -> planned`` for each setting that differs (ignoring :data:`IGNORED_KEYS` and ``ignore``).
 
     ``evaluation_only``: compare only what an evaluation without training depends on (the baselines).
     """
@@ -414,4 +504,4 @@ def config_differences(recorded: dict[str, Any], planned: RunConfig, evaluation_
     if evaluation_only:
         keys = [k for k in keys if _matters_for_evaluation(k)]
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
-            if k not in IGNORED_KEYS and old.get(k) != new.get(k)]
+            if k not in IGNORED_KEYS and k not in ignore and old.get(k) != new.get(k)]

@@ -184,6 +184,7 @@ def load_runs(root: str | Path) -> list[Run]:
     # Dot-names are writes in progress or left by a killed writer (peftlab.durable): never results.
     paths = [p for p in root.rglob("*.json") if (p.name == "result.json" or STEM_RE.fullmatch(p.stem))
              and p.relative_to(root).parts[0] != "analysis" and "report_files" not in p.parts
+             and "pilots" not in p.relative_to(root).parts[:2]  # learning-rate pilots (compare's lr_pilot)
              and not any(part.startswith(".") for part in p.relative_to(root).parts)]
     runs, seen, stems = [], set(), set()
     for path in sorted(paths, key=lambda p: (p.name == "result.json", p)):  # grid files before run-folder copies
@@ -279,6 +280,12 @@ def _seconds(v: float) -> str:
     return f"{v:.1f} s" if v < 120 else f"{v / 60:.1f} min"
 
 
+def forgetting_delta(run: Run) -> float | None:
+    """A run's rise in cross-entropy on out-of-task text (``train_info.forgetting.delta_ce``; None if unmeasured)."""
+    record = run.info.get("forgetting")
+    return _number(record.get("delta_ce")) if isinstance(record, dict) else None
+
+
 # (header, value of a run, "min" or "max" is best, formatter) for the cost columns after the metrics.
 COST_COLUMNS: list[tuple[str, Callable[[Run], float | None], str, Callable[[float], str]]] = [
     ("time/epoch", epoch_seconds, "min", _seconds),
@@ -286,6 +293,7 @@ COST_COLUMNS: list[tuple[str, Callable[[Run], float | None], str, Callable[[floa
     ("peak mem", info_getter("peak_memory_bytes"), "min", format_bytes),
     ("adapter", info_getter("adapter_bytes"), "min", format_bytes),
     ("train FLOPs", info_getter("train_flops_estimate"), "min", lambda v: f"{v:.2e}"),
+    ("forgetting ΔCE", forgetting_delta, "min", lambda v: f"{v:+.3f}"),
 ]
 
 
@@ -378,6 +386,36 @@ def plot_blocks(task: str, groups: list[Group], split: str, metrics: list[str]) 
     return [Image(f"{slug(task)}-{name}.png", png, caption) for name, png, caption in figures if png is not None]
 
 
+def lr_pilot_blocks(groups: list[Group]) -> list[Block]:
+    """The learning rate each (method, variant) trained at, when a grid's ``lr_pilot`` chose it: every candidate's
+    pilot validation loss, the untuned rate and the chosen one."""
+    records: dict[tuple[str, str], dict[str, Any]] = {}
+    for g in groups:
+        for run in g.runs:
+            record = (run.result.get("grid") or {}).get("lr_pilot")
+            if isinstance(record, dict):
+                records.setdefault((g.method, g.variant), record)
+    if not records:
+        return []
+
+    def loss(value: Any) -> str:
+        return "diverged" if value is None else f"{value:.4f}"
+
+    table = Table(["method", "variant", "untuned lr", "pilots: lr (validation loss)", "chosen lr",
+                   "validation loss untuned -> chosen"], [])
+    for (method, variant), r in records.items():
+        tried = ", ".join(f"{c['lr']:.3g} ({loss(c['val_loss'])})" for c in r.get("candidates", []))
+        untuned = f"{r['default_lr']:.3g}" if r.get("default_lr") is not None else "-"
+        table.rows.append([method, variant, untuned, tried, f"{r['chosen_lr']:.3g}",
+                           f"{loss(r.get('default_val_loss'))} -> {loss(r.get('chosen_val_loss'))}"])
+    first = next(iter(records.values()))
+    return [Heading(3, "Learning rate per method (lr pilot)"), Para(
+        f"Each method trained at the rate whose {first.get('steps')}-step pilot (N={first.get('n_train')}, first "
+        f"seed) had the lowest loss on {first.get('validation_examples')} validation examples; the untuned rate is "
+        "the grid's own (train.lr or the method's default). The difference between the two losses is what tuning "
+        "bought in the pilot."), table]
+
+
 def sample_blocks(groups: list[Group], split: str) -> list[Block]:
     """A few test examples with each method's output side by side (first seed, largest N per variant)."""
     shown = {(g.method, g.variant): g for g in groups if g.runs[0].result.get("samples", {}).get(split)}
@@ -450,6 +488,7 @@ def build_blocks(root: Path, split: str = "test") -> list[Block]:
         summary = with_example_intervals(summary_table(groups, task_split, metrics), groups, task_split, metrics)
         blocks += [Heading(2, f"Task: {task} ({task_split} split)"), summary]
         blocks += significance_blocks(groups, task_split, metrics)  # paired tests over the test examples
+        blocks += lr_pilot_blocks(groups)
         blocks += plot_blocks(task, groups, task_split, metrics)
         blocks += sample_blocks(groups, task_split) + run_blocks(groups, root)
     return blocks + analysis_blocks(root)
