@@ -361,7 +361,7 @@ def describe_plan(runs: list[PlannedRun]) -> str:
 
 def compare(grid_path: str | Path, overrides: list[str] | None = None, dry_run: bool = False,
             command: str = "peftlab compare", shard: str | None = None,
-            pilots_only: bool = False) -> list[dict[str, Any]]:
+            pilots_only: bool = False, estimate: bool = False) -> list[dict[str, Any]]:
     """Load, plan and run a grid (or shard ``k/n`` of it, :mod:`peftlab.lab.shard`; or only its learning-rate pilots);
     prints progress and a summary table. Returns the results (none on a dry run or for pilots only)."""
     from peftlab.lab.lr_pilot import resolve, unresolved
@@ -391,6 +391,13 @@ def compare(grid_path: str | Path, overrides: list[str] | None = None, dry_run: 
         if not runs:
             return []
     check_models(runs)
+    if estimate:  # the predicted time of each run and in all (peftlab.lab.estimate); nothing runs
+        if dry_run:
+            raise ConfigError("--estimate and --dry-run: give one (--estimate also lists every run)")
+        from peftlab.lab.estimate import print_estimate
+
+        print_estimate(runs, Path(spec.results) / spec.name, run_status)
+        return []
     if dry_run:
         print(describe_plan(runs))
         return []
@@ -399,6 +406,10 @@ def compare(grid_path: str | Path, overrides: list[str] | None = None, dry_run: 
 
     # One invocation per results folder: two would train the same runs into the same run folders.
     with folder_lock(Path(spec.results) / spec.name, "results", enabled=is_main(), **lock):
+        if is_main():  # the predicted total and finish time; estimate/predicted.json keeps each run's prediction
+            from peftlab.lab.estimate import predict_for_grid
+
+            predict_for_grid(runs, Path(spec.results) / spec.name, run_status)
         results = run_grid(runs, command=command)
     if pilots_only or not results:  # only pilots, or a helper rank of a multi-process launch
         return []
@@ -413,7 +424,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     """The ``peftlab compare`` handler; an interrupt exits 130 with a hint (finished runs are kept)."""
     command = "peftlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        compare(ns.grid, ns.overrides, ns.dry_run, command=command, shard=ns.shard, pilots_only=ns.pilots_only)
+        compare(ns.grid, ns.overrides, ns.dry_run, command=command, shard=ns.shard, pilots_only=ns.pilots_only,
+                estimate=ns.estimate)
     except KeyboardInterrupt:
         print("\npeftlab: interrupted; finished runs are kept and the interrupted run resumes from its last "
               "checkpoint: run the same command again", file=sys.stderr)
@@ -429,6 +441,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("grid", metavar="GRID.yaml", help="grid file (see configs/compare/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="grid keys or shared-section keys")
     p.add_argument("--dry-run", action="store_true", help="list the runs and what would be done with each; run none")
+    p.add_argument("--estimate", action="store_true",
+                   help="predict each run's wall time on this machine and the total (a short calibration, cached in "
+                        "<results>/<name>/estimate/cache.json) with the expected finish time; run none")
     p.add_argument("--shard", metavar="k/n", default=None,
                    help="run only shard k of n (1 <= k <= n): a deterministic split of the grid's runs for a job "
                         "array or n machines sharing the results folder; `peftlab report` merges them")

@@ -453,6 +453,36 @@ def run_blocks(groups: list[Group], root: Path) -> list[Block]:
                            Table(["group", "seed", "file", "command", "git commit", "finished, environment"], rows)]
     for env, number in envs.items():
         blocks += [Para(f"Environment {number}: versions and machine"), Pre(env)]
+    # Predicted (compare's estimate, <task>/estimate/predicted.json) vs actual wall time (finished - started).
+    predictions: dict[Path, dict[str, Any]] = {}
+    timed = []
+    for g in groups:
+        for run in g.runs:
+            info = run.result.get("run_info") or {}
+            if run.path.name != "result.json":  # <task>/<stem>.json
+                folder, stem = run.path.parent, run.path.stem
+            elif run.path.parent.parent.name == "runs":  # <task>/runs/<stem>/result.json
+                folder, stem = run.path.parents[2], run.path.parent.name
+            else:
+                continue
+            if folder not in predictions:
+                file = folder / "estimate" / "predicted.json"
+                predictions[folder] = _read_json(file) if file.is_file() else {}
+            record = predictions[folder].get(stem)
+            p = _number(record.get("predicted_seconds")) if isinstance(record, dict) else None
+            if (p is not None and run.embedded_in is None and not info.get("derived_from")
+                    and _number(info.get("started")) is not None and _number(info.get("finished")) is not None):
+                timed.append((g.label, run.seed, p, float(info["finished"]) - float(info["started"])))
+    if timed:
+        table = Table(["group", "seed", "predicted", "actual", "actual / predicted"],
+                      [[label, str(seed), _seconds(p), _seconds(a), f"{a / p:.2f}" if p > 0 else "-"]
+                       for label, seed, p, a in timed])
+        total_p, total_a = sum(t[2] for t in timed), sum(t[3] for t in timed)
+        table.rows.append(["total", "", _seconds(total_p), _seconds(total_a),
+                           f"{total_a / total_p:.2f}" if total_p > 0 else "-"])
+        blocks += [Heading(3, "Predicted vs actual time"), Para(
+            "Predicted: `peftlab compare`'s estimate before the grid started (calibrated rates x counted tokens); "
+            "actual: the run's wall time from its start to its result."), table]
     return blocks
 
 

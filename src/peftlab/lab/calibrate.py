@@ -1,0 +1,229 @@
+"""The rates a grid estimate divides its counted work by (:mod:`peftlab.lab.estimate`), measured on this machine.
+
+For each method family (method + options + precision) once: the method's own training step (the
+:class:`~peftlab.training.trainer.Trainer`, on synthetic sequences of the grid's mean length after a short warm-up
+step), the optimizer update every step pays, a checkpoint save, a prompt pass, and decode steps at
+``eval.batch_size`` rows over a KV cache of the grid's mean prompt length, under the run's own precision
+(``train.bf16``, ``model.dtype``). Methods whose evaluation is the base model's forward (merged LoRA/IA3, BitFit)
+take the base model's evaluation rates, measured once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+CACHE_VERSION = 1  # bump when what is measured changes: older cached rates are then measured again
+
+
+@dataclass
+class Rates:
+    """A method family's rates on this machine (see the module docstring)."""
+
+    train_positions_per_s: float = 0.0
+    head_targets_per_s: float = 0.0      # 0: no frozen-trunk cache for this method
+    prefill_positions_per_s: float = 0.0
+    decode_rows_per_s: float = 0.0
+    update_seconds: float = 0.0          # clipping + optimizer step, paid once per optimizer step
+    save_seconds: float = 0.0
+    load_seconds: float = 0.0
+    virtual_positions: int = 0
+    cache_bytes_per_target: int = 0      # > 0: the trunk can be cached (frozen, no dropout)
+    eval_as_base: bool = False           # evaluation runs the base model's forward (rates taken from the base)
+    calibration_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a calibration measures: one method (or the bare base model) at the grid's shapes."""
+
+    cfg: Any              # a representative RunConfig (model, precision, method, train/eval batch sizes)
+    train: bool           # measure training too (False: the base model, evaluation only)
+    train_length: int     # mean padded training sequence length (positions)
+    target_length: int    # mean target tokens per training sequence
+    prompt_length: int    # mean padded evaluation prompt length
+
+    def key(self) -> str:
+        from peftlab.lab.results import machine_info
+
+        cfg = self.cfg
+        import torch
+
+        machine = machine_info(torch.device("cpu"))
+        parts = {"v": CACHE_VERSION, "cpu": machine["cpu"], "threads": machine["torch_threads"],
+                 "device": cfg.train.device, "torch": torch.__version__, "model": dataclasses.asdict(cfg.model),
+                 "bf16": cfg.train.bf16, "method": _method_of(self), "eval_batch": cfg.eval.batch_size,
+                 "prompt": self.prompt_length}
+        if self.train:
+            parts.update(train={k: getattr(cfg.train, k) for k in ("gradient_checkpointing", "release_freed_memory",
+                                                                   "cache_frozen_trunk")},
+                         shape=[self.train_length, self.target_length])
+        return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _method_of(family: Family) -> dict[str, Any]:
+    if not family.train:
+        return {"name": "base"}
+    return {"name": family.cfg.method.name, "options": family.cfg.method.options}
+
+
+def _synthetic(tokenizer: Any, length: int, targets: int, seed: int) -> Any:
+    """A training sequence of random ordinary tokens with the loss on its last ``targets`` positions."""
+    import torch
+
+    from peftlab.data.encode import IGNORE_INDEX, EncodedExample
+
+    low = max(tokenizer.all_special_ids or [0]) + 1
+    high = max(low + 1, min(len(tokenizer), 32000))
+    ids = torch.randint(low, high, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    targets = max(1, min(targets, length - 1))
+    return EncodedExample(ids, [IGNORE_INDEX] * (length - targets) + ids[length - targets:])
+
+
+def _measure_training(setup: Any, family: Family, rates: Rates) -> None:
+    """Time the method's own training step (the Trainer, with the run's precision and trunk-cache settings) on
+    synthetic one-row micro-batches: a short warm-up step, 2 steps of the grid's mean length, then, for a method
+    whose trunk is frozen, 2 steps of a second epoch (served by the trunk cache when it is on)."""
+    from peftlab.data.batching import length_bucketed_batches
+    from peftlab.methods import get_method
+    from peftlab.training.trainer import Trainer
+
+    cfg, tokenizer = family.cfg, setup.tokenizer
+    warm = _synthetic(tokenizer, family.target_length + 8, family.target_length, 0)
+    full = [_synthetic(tokenizer, family.train_length, family.target_length, k) for k in (1, 2)]
+    first = length_bucketed_batches([0, 0, 0], 1, cfg.train.seed, 0, False)[0][0]
+    data = full[:first] + [warm] + full[first:]  # the warm-up sequence is the first the trainer takes
+    epoch_steps, steps = 3, 5 if setup.method.frozen_trunk() else 3
+    train_cfg = dataclasses.replace(cfg.train, max_steps=steps, batch_size=1, grad_accum=1, eval_every=0,
+                                    save_every=0, log_every=10**9, length_bucketing=False, patience=0,
+                                    warmup_steps=0, warmup_ratio=0.0)
+    lr = cfg.train.lr or get_method(cfg.method.name).default_lr
+    times: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="peftlab-estimate-") as tmp:
+        trainer = Trainer(setup.method, data, [], train_cfg, tmp, tokenizer.pad_token_id, lr, None, setup.device,
+                          lambda state: times.append(state.train_seconds), setup.autocast)
+        t0 = time.perf_counter()
+        state = trainer.fit()
+        rates.save_seconds = max(0.0, time.perf_counter() - t0 - state.train_seconds)
+        cached = trainer.trunk_cache is not None
+        rates.update_seconds = _update_seconds(trainer)
+    per_step = [b - a for a, b in zip([0.0, *times], times, strict=False)]
+    positions = 2 * (family.train_length + rates.virtual_positions)
+    compute = sum(per_step[1:epoch_steps]) - 2 * rates.update_seconds
+    rates.train_positions_per_s = positions / max(compute, 0.1 * sum(per_step[1:epoch_steps]), 1e-9)
+    if cached:
+        compute = sum(per_step[epoch_steps:]) - 2 * rates.update_seconds
+        rates.head_targets_per_s = 2 * family.target_length / max(compute, 0.1 * sum(per_step[epoch_steps:]), 1e-9)
+
+
+def _update_seconds(trainer: Any) -> float:
+    """One optimizer update of the trainer's parameters (clipping + AdamW step), which every optimizer step pays
+    whatever its batch: timed on zero gradients (the cost does not depend on their values)."""
+    import torch
+
+    params = list(trainer.params.values())
+    saved = [p.detach().clone() for p in params]
+    times = []
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        t0 = time.perf_counter()
+        if trainer.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, trainer.cfg.max_grad_norm)
+        trainer.optimizer.step()
+        times.append(time.perf_counter() - t0)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for p, value in zip(params, saved, strict=True):
+            p.copy_(value)
+    return min(times)
+
+
+def _virtual_positions(method: Any, device: Any) -> int:
+    """Positions a method adds in front of every sequence (prompt tuning's soft prompt), via its prepare_inputs."""
+    import torch
+
+    ids = torch.ones(1, 4, dtype=torch.long, device=device)
+    inputs = method.prepare_inputs(ids, torch.ones_like(ids))
+    fed = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
+    return max(0, fed.shape[1] - 4)
+
+
+def _measure_evaluation(setup: Any, family: Family, rates: Rates) -> None:
+    """Time one prompt pass of the grid's mean prompt length, then decode steps at ``eval.batch_size`` rows over that
+    cache (the prompt's cache copied to every row: no batch-sized prompt pass is paid for)."""
+    import torch
+
+    from peftlab.evaluation.generate import prefill
+    from peftlab.evaluation.kv_cache import keep_rows, preallocate
+
+    method, device, rows = setup.method, setup.device, family.cfg.eval.batch_size
+    pad = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else setup.tokenizer.eos_token_id
+    prompt = _synthetic(setup.tokenizer, family.prompt_length, 1, 7).input_ids
+    method.model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.autocast):
+        prefill(method, [prompt[:16]], pad, device)  # warm-up
+        t0 = time.perf_counter()
+        state = prefill(method, [prompt], pad, device)
+        rates.prefill_positions_per_s = (len(prompt) + rates.virtual_positions) / (time.perf_counter() - t0)
+        steps = 4
+        if preallocate(state.cache, steps):
+            keep_rows(state.cache, torch.zeros(rows, dtype=torch.long, device=device))
+            mask, position = state.attention_mask.expand(rows, -1), state.position.expand(rows, -1)
+        else:  # a cache kind that cannot be copied per row: decode one row and scale (a lower bound)
+            rows, mask, position = 1, state.attention_mask, state.position
+        token = state.logits.argmax(-1)[:1].expand(rows)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+            position = position + 1
+            out = method.model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                               cache=state.cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1)
+            times.append(time.perf_counter() - t0)
+    rates.decode_rows_per_s = rows * (steps - 1) / max(sum(times[1:]), 1e-9)
+
+
+def measure_family(family: Family) -> Rates:
+    """Load the model, apply the family's method and measure its rates (see the module docstring)."""
+    import torch
+
+    from peftlab.config import config_from_dict
+    from peftlab.lab.experiment import build
+
+    t0 = time.perf_counter()
+    cfg = family.cfg
+    if not family.train:  # the bare base model: the "full" handle, as zero-shot evaluation uses
+        cfg = config_from_dict({**cfg.to_dict(), "method": {"name": "full", "options": {}}})
+    threads = torch.get_num_threads()
+    setup = build(cfg)
+    rates = Rates(load_seconds=time.perf_counter() - t0)
+    rates.virtual_positions = _virtual_positions(setup.method, setup.device)
+    if family.train:
+        _measure_training(setup, family, rates)
+        setup.method.after_training()
+    from peftlab.lab.results import count_parameters
+
+    # Evaluation runs the base model's forward when the method merges (as evaluate_splits does) or adds no
+    # parameter (BitFit, last-blocks); anything else (a soft prompt, adapters, an untied head) is measured itself.
+    merged = setup.method.mergeable and cfg.model.dtype == "float32"
+    added = count_parameters(setup.method.model) != setup.total_params
+    rates.eval_as_base = family.train and (merged or not added)
+    if family.train and setup.method.frozen_trunk():
+        from peftlab.training.trunk_cache import estimated_bytes, trunk_dropout
+
+        if not trunk_dropout(setup.method.model) or cfg.train.cache_frozen_trunk in ("on", True):
+            rates.cache_bytes_per_target = estimated_bytes(setup.method.model, 1)
+    if not rates.eval_as_base:
+        if merged:
+            setup.method.merge()
+        _measure_evaluation(setup, family, rates)
+    torch.set_num_threads(threads)
+    rates.calibration_seconds = time.perf_counter() - t0
+    return rates

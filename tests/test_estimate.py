@@ -1,0 +1,205 @@
+"""`peftlab compare --estimate`: the work counted per run equals a hand count, the estimate runs nothing, its cache is
+reused, a grid records each run's prediction and the report shows predicted vs actual, bad input fails clearly."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftlab.config import ConfigError
+from peftlab.lab import estimate as est
+from peftlab.lab import experiment
+from peftlab.lab.compare import compare, plan
+from peftlab.lab.compare_grid import parse_grid
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TRAIN = ["a fine film", "dull and slow, a long evening", "loved every minute of it", "no"]
+LABELS = ["pos", "neg", "pos", "neg"]
+TEST = ["great", "bad acting and a thin plot", "fine"]
+
+
+def _data(tmp_path: Path) -> Path:
+    folder = tmp_path / "reviews"
+    folder.mkdir(exist_ok=True)
+    splits = {"train": list(zip(TRAIN, LABELS, strict=True)), "validation": [(TEST[0], "pos"), (TEST[1], "neg")],
+              "test": [(TEST[0], "pos"), (TEST[1], "neg"), (TEST[2], "pos")]}
+    for split, rows in splits.items():
+        with gzip.open(folder / f"{split}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps({"id": str(i), "text": t, "label": y}) + "\n" for i, (t, y) in enumerate(rows))
+    return folder
+
+
+def _grid(tmp_path: Path, model: Path, **keys) -> dict:
+    return {"name": "g", "model": {"name": str(model)}, "results": str(tmp_path / "results"),
+            "task": {"name": "classification", "template": "Review: {source}\nSentiment ({labels}):",
+                     "max_target_tokens": 8},
+            "data": {"path": str(_data(tmp_path)), "max_validation": 2, "max_test": 3},
+            "train": {"batch_size": 2, "epochs": 2, "eval_every": 0, "eval_examples": 0, "log_every": 1},
+            "eval": {"batch_size": 2}, "methods": ["lora"], "n_train": [4], "seeds": [0], **keys}
+
+
+def _write(tmp_path: Path, grid: dict) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+RATES = est.Rates(train_positions_per_s=100.0, head_targets_per_s=0.0, prefill_positions_per_s=1000.0,
+                  decode_rows_per_s=50.0, update_seconds=0.5, save_seconds=0.25, load_seconds=1.0,
+                  calibration_seconds=0.1)
+
+
+def _fake_measure(calls: list):
+    def measure(family: est.Family) -> est.Rates:
+        calls.append(family)
+        return RATES
+    return measure
+
+
+def test_counted_work_equals_a_hand_count(tmp_path, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    runs = plan(parse_grid(_grid(tmp_path, tiny_llama_dir), "grid.yaml"))
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    reader = est.SplitReader()
+    zero, lora = (est.count_run(r, tok, reader) for r in runs)
+
+    def prompt(text: str) -> int:  # the template with the labels filled in (sorted: neg, pos)
+        return len(tok(f"Review: {text}\nSentiment (neg, pos):").input_ids)
+
+    label_len = {y: len(tok(y, add_special_tokens=False).input_ids) + 1 for y in ("neg", "pos")}  # + eos
+    lengths = [prompt(t) + label_len[y] for t, y in zip(TRAIN, LABELS, strict=True)]
+    assert lora.train_tokens == 2 * sum(lengths)  # 2 epochs over the 4 examples
+    assert lora.steps == 4 and lora.saves == 1 and lora.train_rows == 4 and lora.later_rows == 4
+    assert lora.all_targets == sum(label_len[y] for y in LABELS)
+    # (B, T) positions of the trainer's own batches: padded to each batch's longest sequence
+    assert lora.train_positions >= sum(lengths) and lora.later_positions >= sum(lengths)
+
+    def batched(lens: list[int], size: int = 2) -> int:
+        lens = sorted(lens)
+        return sum(len(lens[i:i + size]) * max(lens[i:i + size]) for i in range(0, len(lens), size))
+
+    test_prompts = [prompt(t) for t in TEST]
+    continuation = sum(n - 1 for n in label_len.values())  # each label's tokens after its first, on the cache
+    assert zero.eval_positions == batched(test_prompts) and zero.eval_rows == 3
+    assert zero.decode_rows == 3 * continuation and zero.train_tokens == 0
+    val = [prompt(TEST[0]) + label_len["pos"], prompt(TEST[1]) + label_len["neg"]]
+    assert lora.eval_positions == batched(test_prompts) + batched(val)  # + one validation-loss pass at the end
+    assert lora.decode_rows == 3 * continuation
+
+
+def test_generation_counts_max_new_tokens_decode_steps_per_row(tmp_path, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "news"
+    folder.mkdir()
+    for split in ("train", "validation", "test"):
+        with gzip.open(folder / f"{split}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps({"id": str(i), "article": t, "summary": "x"}) + "\n" for i, t in enumerate(TEST))
+    grid = _grid(tmp_path, tiny_llama_dir, methods=[])
+    grid["task"] = {"name": "summarization", "template": "{source}\nTL;DR:"}
+    grid["data"]["path"] = str(folder)
+    grid["eval"]["max_new_tokens"] = 5
+    zero, lead3 = plan(parse_grid(grid, "grid.yaml"))
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    work = est.count_run(zero, tok, est.SplitReader())
+    assert work.decode_rows == 3 * 4  # 3 rows, 4 decode calls after the prefill's token
+    assert est.count_run(lead3, tok, est.SplitReader()).eval_rows == 0  # lead-3 runs no model
+
+
+def test_estimate_runs_nothing_writes_no_results_and_reuses_its_cache(tmp_path, tiny_llama_dir, monkeypatch, capsys):
+    def fail(*args, **kwargs):
+        raise AssertionError("--estimate must not run anything")
+
+    monkeypatch.setattr(experiment, "train_run", fail)
+    monkeypatch.setattr(experiment, "eval_run", fail)
+    calls: list = []
+    monkeypatch.setattr(est, "measure_family", _fake_measure(calls))
+    path = _write(tmp_path, _grid(tmp_path, tiny_llama_dir))
+    assert compare(path, estimate=True) == []
+    out = capsys.readouterr().out
+    assert "zero-shot--default--n0--seed0" in out and "lora--default--n4--seed0" in out
+    assert "predicted total" in out and "expected finish" in out and "calibrated 2 families" in out
+    assert sorted(f.train for f in calls) == [False, True]
+    root = tmp_path / "results" / "g"
+    assert [p.name for p in root.iterdir()] == ["estimate"]  # no result file, no run folder
+    # LoRA merges for evaluation, so its evaluation is the base model's; training: 4 steps
+    lora = next(r for r in est.estimate_grid(plan(parse_grid(_grid(tmp_path, tiny_llama_dir), "g")),
+                                             root / est.CACHE_NAME, measure=fail).runs if r.kind == "train")
+    w = lora.work
+    expected_train = 4 * 0.5 + (w.train_positions + w.later_positions) / 100.0
+    assert lora.seconds["train"] == pytest.approx(expected_train)
+    assert lora.seconds["evaluation"] == pytest.approx(w.eval_positions / 1000.0 + w.decode_rows / 50.0)
+    assert lora.seconds["overhead"] == pytest.approx(1.0 + w.data_seconds + 0.25)
+
+    monkeypatch.setattr(est, "measure_family", fail)  # second time: everything from the cache
+    t0 = time.perf_counter()
+    compare(path, estimate=True)
+    assert "rates from the cache" in capsys.readouterr().out and time.perf_counter() - t0 < 5
+
+
+def test_a_grid_records_predictions_and_the_report_shows_predicted_vs_actual(tmp_path, tiny_llama_dir, capsys):
+    from peftlab.lab.report import build_blocks
+    from peftlab.lab.report_render import to_markdown
+
+    grid = _grid(tmp_path, tiny_llama_dir, baselines=False)
+    grid["train"]["max_steps"] = 2
+    t0 = time.perf_counter()
+    results = compare(_write(tmp_path, grid))  # the real calibration, on the tiny model
+    assert "[estimate] predicted total" in capsys.readouterr().out
+    predicted = json.loads((tmp_path / "results" / "g" / est.PREDICTED_NAME).read_text())
+    assert list(predicted) == [r["grid"]["stem"] for r in results]
+    assert all(p["predicted_seconds"] > 0 for p in predicted.values())
+    lora = results[0]
+    work = est.count_run(plan(parse_grid(grid, "g"))[0], _tok(tiny_llama_dir), est.SplitReader())
+    assert lora["train_info"]["train_input_tokens"] == work.train_tokens  # the trainer counted what we counted
+    assert time.perf_counter() - t0 < 60
+    md = to_markdown(build_blocks(tmp_path / "results"), "files")
+    section = md.split("Predicted vs actual time")[1]
+    assert "lora N=4" in section and "total" in section and "actual / predicted" in section
+
+
+def _tok(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_real_calibration_on_the_tiny_model_is_quick_and_positive(tmp_path, tiny_llama_dir):
+    grid = _grid(tmp_path, tiny_llama_dir, methods=[{"name": "prompt-tuning", "options": {"n_tokens": 6}},
+                                                    "last-layer", "lora"])
+    runs = plan(parse_grid(grid, "g"))
+    t0 = time.perf_counter()
+    prompt, last, lora = (est.measure_family(est.Family(r.cfg, True, 32, 2, 32)) for r in runs[1:])
+    assert time.perf_counter() - t0 < 10
+    assert prompt.virtual_positions == 6 and lora.virtual_positions == 0
+    # a soft prompt changes the evaluation forward: measured; LoRA is merged for evaluation: the base model's
+    assert not prompt.eval_as_base and prompt.prefill_positions_per_s > 0 and prompt.decode_rows_per_s > 0
+    assert lora.eval_as_base and lora.prefill_positions_per_s == 0
+    assert prompt.train_positions_per_s > 0 and prompt.update_seconds > 0 and lora.head_targets_per_s == 0
+    # last-layer's trunk is frozen: later epochs are served by the trunk cache, at the head's own rate
+    assert last.cache_bytes_per_target > 0 and last.head_targets_per_s > 0
+
+
+def test_bad_input_fails_clearly(tmp_path, tiny_llama_dir, monkeypatch, capsys):
+    monkeypatch.setattr(est, "measure_family", _fake_measure([]))
+    path = _write(tmp_path, _grid(tmp_path, tiny_llama_dir))
+    with pytest.raises(ConfigError, match="--estimate and --dry-run"):
+        compare(path, dry_run=True, estimate=True)
+    # a broken cache is only a cache: said once, then measured again
+    root = tmp_path / "results" / "g"
+    (root / est.CACHE_NAME).parent.mkdir(parents=True)
+    (root / est.CACHE_NAME).write_text("{not json")
+    compare(path, estimate=True)
+    assert "unreadable" in capsys.readouterr().out and json.loads((root / est.CACHE_NAME).read_text())["rates"]
+    # data that cannot be read names the run
+    grid = _grid(tmp_path, tiny_llama_dir)
+    grid["data"]["path"] = str(tmp_path / "missing")
+    with pytest.raises(est.EstimateError, match=r"run zero-shot--default--n0--seed0"):
+        compare(_write(tmp_path, grid), estimate=True)
