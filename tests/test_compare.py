@@ -77,15 +77,17 @@ def test_grid_expands_methods_variants_sizes_and_seeds(tmp_path):
 @pytest.mark.parametrize("path", GRIDS, ids=[p.name for p in GRIDS])
 def test_shipped_grids_load_and_expand(path):
     runs = expand_grid(load_grid(path))
-    expected = {"demo_grid.yaml": 1 + 3 * 2, "imdb.yaml": 1 + 6 * 2 * 2, "cnndm.yaml": 2 + 3 * 2}
+    # imdb: zero-shot, 3 lr pilots for each of 6 methods, 2 seeds x (4 sweep cells x 2 N + 4 methods at N=1000)
+    expected = {"demo_grid.yaml": 1 + 3 * 2, "imdb.yaml": 1 + 6 * 3 + 2 * (4 * 2 + 4), "cnndm.yaml": 2 + 3 * 2}
     assert len(runs) == expected[path.name]
     assert len({r.stem for r in runs}) == len(runs)
     if path.name == "cnndm.yaml":
         assert [r.stem for r in runs[:2]] == ["zero-shot--default--n0--seed0", "lead-3--default--n0--seed0"]
         assert runs[0].cfg.data.max_test >= 500
     if path.name == "imdb.yaml":
-        assert {r.cfg.data.max_test for r in runs} == {2000}
-        assert {r.cfg.data.max_train for r in runs[1:]} == {500, 2000}
+        assert {r.cfg.data.max_test for r in runs} == {1000}
+        assert {r.cfg.data.max_train for r in runs[1:]} == {100, 1000}
+        assert {r.cfg.data.seed for r in runs[1:]} == {0, 1}
 
 
 def test_shipped_grids_are_there():

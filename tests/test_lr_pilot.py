@@ -35,16 +35,44 @@ PILOT_GRID = {"methods": [{"name": "lora", "overrides": {"train.lr": 1e-3}}, "ia
 def test_pilots_are_planned_once_per_method_on_the_largest_n_and_first_seed(tmp_path):
     runs = plan(load_grid(_write(tmp_path, **PILOT_GRID)))
     pilots = [r for r in runs if r.kind == PILOT]
-    assert [r.stem for r in pilots] == ["pilot--lora--default--lr0.0001", "pilot--lora--default--lr0.001",
-                                        "pilot--lora--default--lr0.01", "pilot--ia3--default--lr0.0003",
-                                        "pilot--ia3--default--lr0.003", "pilot--ia3--default--lr0.03"]
+    assert [r.stem for r in pilots] == ["pilot--lora--lr0.0001", "pilot--lora--lr0.001", "pilot--lora--lr0.01",
+                                        "pilot--ia3--lr0.0003", "pilot--ia3--lr0.003", "pilot--ia3--lr0.03"]
     assert runs.index(pilots[0]) == 1  # after the zero-shot baseline, before every training run
     assert all(r.cfg.data.max_train == 8 and r.cfg.train.seed == 0 for r in pilots)
     assert all(r.cfg.train.max_steps == 2 and r.cfg.data.max_validation == 3 and r.cfg.eval.splits == []
                for r in pilots)
     assert all(r.result_path.parent.name == "pilots" for r in pilots)
     trains = [r for r in runs if r.kind == "train"]
-    assert len(trains) == 8 and {r.pilot_group for r in trains} == {"lora--default", "ia3--default"}
+    assert len(trains) == 8 and {r.pilot_group for r in trains} == {"lora", "ia3"}
+
+
+def test_per_variant_pilots_and_per_method_sizes(tmp_path):
+    grid = {"methods": [{"name": "lora", "variants": {"dropout": [0, 0.1]}},
+                        {"name": "ia3", "n_train": [8]}, {"name": "lora", "options": {"r": 2}, "n_train": [4]}],
+            "n_train": [4, 16], "seeds": [0], "lr_pilot": {"factors": [1, 3], "steps": 2}}
+    runs = plan(load_grid(_write(tmp_path, **grid)))
+    trains = [(r.stem, r.pilot_group) for r in runs if r.kind == "train"]
+    assert trains == [("lora--dropout=0--n4--seed0", "lora.1"), ("lora--dropout=0.1--n4--seed0", "lora.1"),
+                      ("lora--default--n4--seed0", "lora.3"), ("lora--dropout=0--n16--seed0", "lora.1"),
+                      ("lora--dropout=0.1--n16--seed0", "lora.1"), ("ia3--default--n8--seed0", "ia3")]
+    pilots = {r.stem: r for r in runs if r.kind == PILOT}
+    # per method: one set of pilots per entry, on its first variant and its own largest N
+    assert sorted({r.pilot_group for r in pilots.values()}) == ["ia3", "lora.1", "lora.3"]
+    assert {r.pilot_group: r.cfg.data.max_train for r in pilots.values()} == {"lora.1": 16, "lora.3": 4, "ia3": 8}
+    assert all(r.cfg.method.options.get("dropout", 0) == 0 for r in pilots.values())
+    per_variant = {**grid, "lr_pilot": {"factors": [1, 3], "per": "variant"}, "methods": grid["methods"][:1]}
+    groups = {r.pilot_group for r in plan(load_grid(_write(tmp_path, **per_variant))) if r.kind == PILOT}
+    assert groups == {"lora--dropout=0", "lora--dropout=0.1"}
+
+
+def test_min_steps_lengthens_small_training_sets(tiny_llama_dir, tmp_path):
+    from peftlab.config import load_config
+    from peftlab.lab.experiment import train_run
+
+    result = train_run(load_config(None, [f"model={tiny_llama_dir}", "data=demo", "data.max_train=8",
+                                          "train.batch_size=4", "train.min_steps=5", "data.max_validation=2",
+                                          "eval.splits=[]", f"out={tmp_path / 'r'}"]))
+    assert result["train_info"]["steps"] == 5 and result["train_info"]["epochs_completed"] == 2.5
 
 
 @pytest.mark.parametrize(("value", "fragment"), [
@@ -54,6 +82,7 @@ def test_pilots_are_planned_once_per_method_on_the_largest_n_and_first_seed(tmp_
     ({"steps": 0}, "lr_pilot.steps: must be an integer > 0"),
     ({"step": 3}, "unknown key 'step' (did you mean 'steps'?)"),
     ("yes", "must be null or a mapping"),
+    ({"per": "seed"}, "lr_pilot.per: 'seed' is not one of 'method', 'variant'"),
 ])
 def test_bad_lr_pilot_names_the_key(tmp_path, value, fragment):
     with pytest.raises(ConfigError, match=r"grid\.yaml: lr_pilot") as err:
@@ -90,7 +119,7 @@ def test_pilot_grid_trains_at_the_chosen_rate_and_resumes(tiny_llama_dir, tmp_pa
     assert run["train_info"]["lr"] == pytest.approx(best_lr)
     assert run["run_info"]["config"]["train"]["lr"] == pytest.approx(best_lr)
     out = capsys.readouterr().out
-    assert "lr pilot of lora--default: lr" in out and "chosen" in out
+    assert "lr pilot of lora: lr" in out and "chosen" in out
 
     # A second invocation skips pilots and runs, and knows the chosen rate without rerunning anything.
     monkeypatch.setattr(compare_mod, "_execute", lambda *a, **k: pytest.fail("nothing should run"))
@@ -108,7 +137,7 @@ def test_pilot_grid_trains_at_the_chosen_rate_and_resumes(tiny_llama_dir, tmp_pa
 def test_shards_need_finished_pilots_and_pilots_only_runs_them(tiny_llama_dir, tmp_path):
     path = _write(tmp_path, tiny_llama_dir, methods=["lora"], n_train=[8], seeds=[0],
                   lr_pilot={"factors": [1, 10], "steps": 1, "validation": 2})
-    with pytest.raises(ConfigError, match=r"--shard: the lr pilots of lora--default have not finished.*--pilots-only"):
+    with pytest.raises(ConfigError, match=r"--shard: the lr pilots of lora have not finished.*--pilots-only"):
         compare(path, shard="1/2")
     assert compare(path, pilots_only=True) == []
     assert len(list((tmp_path / "results" / "t" / "pilots").glob("*.json"))) == 2

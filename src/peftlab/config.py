@@ -134,6 +134,8 @@ class TrainConfig:
     warmup_ratio: float = opt(0.0, "warmup as a fraction of all optimizer steps")
     epochs: float = opt(1.0, "passes over the training set (ignored when max_steps is set)")
     max_steps: int | None = opt(None, "optimizer steps; default: from epochs")
+    min_steps: int | None = opt(None, "at least this many optimizer steps when they come from epochs (small training "
+                                      "sets then take more passes; a grid's N sweep keeps its small N trainable)")
     batch_size: int = opt(8, "examples per micro-batch, over all processes (torchrun splits each across ranks)")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     max_grad_norm: float | None = opt(1.0, "gradient clipping norm; null: no clipping")
@@ -169,6 +171,7 @@ class TrainConfig:
         check(0 <= self.warmup_ratio < 1, f"{prefix}.warmup_ratio", "must be in [0, 1)")
         check(self.epochs > 0, f"{prefix}.epochs", "must be > 0")
         check(self.max_steps is None or self.max_steps > 0, f"{prefix}.max_steps", "must be > 0 or null")
+        check(self.min_steps is None or self.min_steps > 0, f"{prefix}.min_steps", "must be > 0 or null")
         check(self.batch_size > 0, f"{prefix}.batch_size", "must be > 0")
         check(self.grad_accum > 0, f"{prefix}.grad_accum", "must be > 0")
         check(self.max_grad_norm is None or self.max_grad_norm > 0, f"{prefix}.max_grad_norm", "must be > 0 or null")

@@ -14,18 +14,21 @@ A grid is one YAML file (see ``configs/compare/``)::
         options: {r: 8}                              # fixed method options
         variants: {dropout: [0, 0.1]}                # cartesian product; dotted keys (train.lr) set RunConfig keys
         overrides: {train.lr: 3.0e-4}                # dotted RunConfig keys for this method's runs only
+      - name: ia3
+        n_train: [500]                               # this method only at these sizes (default: the grid's)
     n_train: [50, 500]         # data.max_train per run; null or "all": every training example
     seeds: [0, 1]              # train.seed and data.seed
     budget: null               # or "0.1%" / 150000: size every method to this many trainable parameters
     baselines: true            # zero-shot base model (+ lead-3 for summarization)
-    lr_pilot: null             # or {factors: [0.3, 1, 3], steps: 30, validation: 100}: see below
+    lr_pilot: null             # or {factors: [0.3, 1, 3], steps: 30, validation: 100, per: method}: see below
     results: results
 
-Learning rate per method (``lr_pilot``): each (method, variant) first trains short pilots, one per candidate
-learning rate (``factor`` x the lr the run would use: its ``train.lr``, or the method's default), for ``steps``
-optimizer steps on the grid's largest training set with its first seed, and scores each by the validation loss on
-``validation`` examples. Every run of that (method, variant) then trains at the candidate with the lowest loss
-(ties: the factor nearest 1); a diverged pilot (non-finite loss) loses. Pilots write
+Learning rate per method (``lr_pilot``): each method entry (``per: method``, the default; its first variant) or
+each (method, variant) (``per: variant``) first trains short pilots, one per candidate learning rate (``factor`` x
+the lr the run would use: its ``train.lr``, or the method's default), for ``steps`` optimizer steps on the entry's
+largest training set with the grid's first seed, and scores each by the validation loss on ``validation``
+examples. Every run of the group then trains at the candidate with the lowest loss (ties: the factor nearest 1); a
+diverged pilot (non-finite loss) loses. Pilots write
 ``<results>/<name>/pilots/<stem>.json``; each run's ``grid.lr_pilot`` record says what was tried and chosen.
 
 Precedence, lowest first: dataclass defaults, the shared sections, command-line overrides of the shared sections,
@@ -48,8 +51,9 @@ from peftlab.config import PRIMARY_FIELD, ConfigError, RunConfig, config_from_di
 
 SHARED_SECTIONS = ("model", "task", "data", "train", "eval")
 GRID_KEYS = ("name", "methods", "n_train", "seeds", "budget", "baselines", "lr_pilot", "results")
-PILOT_KEYS = ("factors", "steps", "validation")
-ENTRY_KEYS = ("name", "options", "variants", "overrides")
+PILOT_KEYS = ("factors", "steps", "validation", "per")
+PILOT_PER = ("method", "variant")
+ENTRY_KEYS = ("name", "options", "variants", "overrides", "n_train")
 # RunConfig keys a grid sets itself: a grid file or override naming them is an error with this hint.
 OWNED_BY_GRID = {"method": "use the methods: list", "out": "runs go under results/<name>/runs/",
                  "resume": "interrupted runs are resumed automatically", "adapter": "use peftlab eval"}
@@ -65,6 +69,7 @@ class MethodEntry:
     options: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, list[Any]] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
+    n_train: list[int | None] | None = None  # None: the grid's n_train
     where: str = ""  # "grid.yaml: methods[2]" for messages
 
 
@@ -75,6 +80,7 @@ class LrPilot:
     factors: list[float]
     steps: int = 30
     validation: int | None = 100
+    per: str = "method"  # one learning rate per method entry, or per (method entry, variant)
 
 
 @dataclass
@@ -165,9 +171,13 @@ def _lr_pilot(value: Any, where: str) -> LrPilot | None:
                           f"learning rate); got {factors!r}")
     if len(set(factors)) != len(factors):
         raise ConfigError(f"{where}.factors: {factors!r} repeats a value")
+    per = value.get("per", "method")
+    if per not in PILOT_PER:
+        raise ConfigError(f"{where}.per: {per!r} is not one of {', '.join(map(repr, PILOT_PER))}")
     return LrPilot(factors=[float(f) for f in factors],
                    steps=_positive_int(value.get("steps", 30), f"{where}.steps"),
-                   validation=_positive_int(value.get("validation", 100), f"{where}.validation", allow_none=True))
+                   validation=_positive_int(value.get("validation", 100), f"{where}.validation", allow_none=True),
+                   per=per)
 
 
 def _check_run_key(key: str, where: str) -> None:
@@ -193,6 +203,8 @@ def _method_entry(item: Any, where: str) -> MethodEntry:
         if not isinstance(value, dict):
             raise ConfigError(f"{entry.where}: {key} must be a mapping")
         setattr(entry, key, dict(value))
+    if "n_train" in item:
+        entry.n_train = _n_train(item["n_train"], f"{entry.where}: n_train")
     for key, values in entry.variants.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{entry.where}: variants.{key} must be a non-empty list of values")
@@ -420,10 +432,15 @@ def expand_grid(spec: GridSpec, solver: BudgetSolver | None = None, shape: Any =
     pilots: list[PlannedRun] = []
     seen: dict[str, str] = {}
     configs: dict[str, str] = {}
-    # Pilots run on the largest training set ("all" is the largest) with the first seed.
-    pilot_n = None if None in spec.n_train else max(n for n in spec.n_train if n is not None)
-    for n, seed, entry in itertools.product(spec.n_train, spec.seeds, spec.methods):
-        for assignment in _variants(entry):
+    sizes = list(dict.fromkeys([*spec.n_train, *(n for e in spec.methods for n in e.n_train or [])]))
+    names = [e.name for e in spec.methods]
+    for n, seed, (index, entry) in itertools.product(sizes, spec.seeds, enumerate(spec.methods)):
+        entry_sizes = entry.n_train if entry.n_train is not None else spec.n_train
+        if n not in entry_sizes:
+            continue
+        # Pilots run on the entry's largest training set ("all" is the largest) with the first seed.
+        pilot_n = None if None in entry_sizes else max(m for m in entry_sizes if m is not None)
+        for number, assignment in enumerate(_variants(entry)):
             label = variant_label(assignment)
             stem = run_stem(entry.name, label, n, seed)
             where = f"{entry.where}, variant {label}"
@@ -446,8 +463,12 @@ def expand_grid(spec: GridSpec, solver: BudgetSolver | None = None, shape: Any =
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {exc}") from exc
             _check_distinct(cfg, where, configs)
-            group = f"{entry.name}--{label}" if spec.lr_pilot is not None else None
-            if group is not None and n == pilot_n and seed == spec.seeds[0]:
+            group = None
+            if spec.lr_pilot is not None:
+                group = entry.name if names.count(entry.name) == 1 else f"{entry.name}.{index + 1}"
+                group = f"{group}--{label}" if spec.lr_pilot.per == "variant" else group
+            first_variant = number == 0 or spec.lr_pilot is None or spec.lr_pilot.per == "variant"
+            if group is not None and n == pilot_n and seed == spec.seeds[0] and first_variant:
                 pilot_record = {**record, "n_train": n, "seed": seed}
                 pilots += _pilot_runs(spec, group, cfg, Path(spec.results) / spec.name / "pilots", pilot_record)
             runs.append(_planned(spec, "train", stem, cfg, record, group))

@@ -151,7 +151,8 @@ class Trainer:
         self._trunk_seen: set[int] = set()  # examples whose trunk features the cache holds (global indices)
         if self.trunk_cache is not None and self.dist.is_main:
             announce(all_targets, len(train_data), estimated_bytes(self.model, all_targets))
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
+        self.total_steps = cfg.max_steps or max(1, cfg.min_steps or 0,
+                                                math.ceil(cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.schedule, warmup, self.total_steps))
