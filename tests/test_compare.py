@@ -78,7 +78,7 @@ def test_grid_expands_methods_variants_sizes_and_seeds(tmp_path):
 def test_shipped_grids_load_and_expand(path):
     runs = expand_grid(load_grid(path))
     # imdb: zero-shot, 3 lr pilots for each of 6 methods, 2 seeds x (4 sweep cells x 2 N + 4 methods at N=1000)
-    expected = {"demo_grid.yaml": 1 + 3 * 2, "imdb.yaml": 1 + 6 * 3 + 2 * (4 * 2 + 4), "cnndm.yaml": 2 + 3 * 2}
+    expected = {"demo_grid.yaml": 1 + 3 * 2, "imdb.yaml": 1 + 6 * 3 + 2 * (4 * 2 + 4), "cnndm.yaml": 2 + 4 * 3 + 4 * 2}
     assert len(runs) == expected[path.name]
     assert len({r.stem for r in runs}) == len(runs)
     if path.name == "cnndm.yaml":
