@@ -45,6 +45,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.pytorch_utils import Conv1D
 
 from peftlab.config import ModelConfig
 
@@ -411,3 +412,63 @@ def _save_plain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fold
         raise RuntimeError(f"GGUF conversion left parameters without weights: {', '.join(still_meta[:5])}")
     plain.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+# Modules whose weight autocast casts to bf16 for every call (F.linear, and addmm for GPT-2's Conv1D).
+_MATMUL_MODULES = (torch.nn.Linear, Conv1D)
+
+
+@contextlib.contextmanager
+def frozen_matmul_weights_in_bf16(model: torch.nn.Module) -> Iterator[int]:
+    """Hold a bf16 copy of every frozen fp32 ``Linear``/``Conv1D`` weight while inside (for bf16 autocast).
+
+    Autocast caches its bf16 casts only for leaf tensors that require grad, so a FROZEN fp32 weight is cast again at
+    every call: on SmolLM2-135M that is all 135M parameters read and written at each forward, which costs more
+    than the bf16 matmuls save when a forward is small (a decode step of one token per row: 3-30x slower than fp32,
+    see BENCHMARKS.md "bf16 on this CPU"). Under autocast the matmul then finds its weight already in bf16 and
+    skips the cast; that cast is what autocast would have done, so the results are bitwise those of plain autocast.
+    Embeddings, norms and biases stay fp32 (a tied head gets its own bf16 copy; the embedding keeps the fp32
+    original). Trainable weights, non-fp32 weights and re-parametrized weights are left alone.
+
+    Costs 2 bytes per frozen matmul parameter while inside (0.27 GB on SmolLM2-135M). The originals are put back
+    on exit; do not merge or unmerge adapters inside (an in-place change would go to the copy).
+
+    Yields:
+        the number of weights swapped for a bf16 copy.
+    """
+    swapped: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
+    copies: dict[int, torch.nn.Parameter] = {}  # one copy per shared weight
+    try:
+        for module in model.modules():
+            weight = module._parameters.get("weight") if isinstance(module, _MATMUL_MODULES) else None
+            if weight is None or weight.requires_grad or weight.dtype != torch.float32:
+                continue
+            if id(weight) not in copies:
+                copies[id(weight)] = torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
+            module._parameters["weight"] = copies[id(weight)]
+            swapped.append((module, weight))
+        yield len(swapped)
+    finally:
+        for module, weight in swapped:
+            module._parameters["weight"] = weight
+
+
+def cpu_has_fast_bf16(cpuinfo: str | None = None, capability: str | None = None) -> bool:
+    """Whether this CPU has bf16 matrix units (Intel AMX-BF16 or AVX512-BF16), where bf16 matmuls run several times
+    faster than fp32; without them (AVX2 only) bf16 matmuls run far slower than fp32 (35x on an AMD EPYC, see
+    BENCHMARKS.md). False when unknown (no ``/proc/cpuinfo``: macOS, Windows).
+
+    Args:
+        cpuinfo: the text of ``/proc/cpuinfo`` (read when None).
+        capability: torch's CPU kernel level, ``torch.backends.cpu.get_cpu_capability()`` when None.
+    """
+    capability = capability or torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    if capability not in ("AVX512", "AMX"):  # torch dispatches no AVX512 kernels here: no bf16 units to use
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[-1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return bool({"amx_bf16", "avx512_bf16"} & set(flags))

@@ -21,6 +21,7 @@ once and reused in later epochs (``train.cache_frozen_trunk``, :mod:`peftlab.tra
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -38,6 +39,7 @@ from peftlab.data.encode import EncodedExample
 from peftlab.durable import DiskWriteError, is_disk_error
 from peftlab.methods.base import PeftMethod
 from peftlab.models.arch import checkpoint_blocks, output_head, transformer_blocks
+from peftlab.models.loading import frozen_matmul_weights_in_bf16
 from peftlab.training import distributed as D
 from peftlab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftlab.training.host_memory import release_freed_memory
@@ -103,7 +105,10 @@ class Trainer:
         metric_fn: called at each validation; returns task metrics on a validation subset (may be None).
         device: where batches go.
         on_step: optional callback after each optimizer step (tests use it to interrupt a run).
-        autocast_bf16: bfloat16 autocast for forward/backward (also on when ``cfg.bf16``).
+        autocast_bf16: bfloat16 autocast for forward/backward (also on when ``cfg.bf16``). The frozen matmul weights
+            are then cast to bf16 once for the whole of :meth:`fit` instead of at every forward
+            (:func:`~peftlab.models.loading.frozen_matmul_weights_in_bf16`: bitwise the same steps, 2 bytes more
+            per frozen parameter).
         dist: this process's place in a multi-process run (None: a single process). With several processes,
             ``cfg.batch_size`` stays the GLOBAL micro-batch (each rank takes its share of its rows), trainable
             parameters are broadcast from rank 0, and fully trained transformer blocks are sharded with FSDP.
@@ -210,8 +215,10 @@ class Trainer:
                    mininterval=1.0, disable=not self.dist.is_main)
         self.model.train()
         self.state.trunk_cache = self.trunk_cache is not None
+        bf16_weights = frozen_matmul_weights_in_bf16(self.model) if self.autocast else contextlib.nullcontext()
         try:
-            self._loop(bar)
+            with bf16_weights:
+                self._loop(bar)
         except OSError as exc:
             if not is_disk_error(exc):
                 raise
