@@ -14,45 +14,27 @@ A run is described by one :class:`RunConfig`. Sections (``model``, ``task``, ``d
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import difflib
-import functools
-import math
-import types
-import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names the key and the valid choices."""
-
-
-def opt(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
-    """A dataclass field with a help string (``metadata['help']``)."""
-    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        value = default
-        return field(default_factory=lambda: copy.deepcopy(value), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
-
-
-def check(condition: bool, key: str, message: str) -> None:
-    """Raise ``ConfigError`` naming ``key`` unless ``condition`` holds."""
-    if not condition:
-        raise ConfigError(f"{key}: {message}")
-
-
-def check_choice(value: Any, key: str, choices: list | tuple) -> None:
-    """Raise ``ConfigError`` unless ``value`` is one of ``choices``; the message lists them."""
-    if value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
-
+# The option helpers live in a leaf module (the method folders use them too); re-exported here, where callers
+# have always found them.
+from peftlab.options import (  # noqa: F401
+    ConfigError,
+    MethodOptions,
+    check,
+    check_choice,
+    coerce_fields,
+    coerce_value,
+    field_types,
+    opt,
+)
 
 CACHE_FROZEN_TRUNK_MODES = ("auto", "on", "off")
 
@@ -226,8 +208,9 @@ class RunConfig:
         """Check every section (and the method options) before anything expensive happens."""
         for section in (self.model, self.task, self.data, self.train, self.eval):
             section.validate()
-        # The registries live above config: imported here, checked before any model loads.
-        from peftlab.methods import get_method
+        # The task registry lives above config: imported here, checked before any model loads. The method registry
+        # is a leaf module (peftlab.registry) that finds the method folders on first use.
+        from peftlab.registry import get_method
         from peftlab.tasks import task_names
 
         check_choice(self.task.name, "task.name", task_names())
@@ -248,97 +231,6 @@ def _unknown_key(key: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(sorted(valid))}")
 
 
-# The words a type is named by in messages, and an example of a valid value.
-_TYPE_WORDS: dict[Any, str] = {bool: "true or false", int: "an integer", float: "a number (e.g. 2e-4)",
-                               str: "a string", type(None): "null"}
-
-
-def _type_words(annotation: Any) -> str:
-    """``float | None`` -> ``'a number (e.g. 2e-4) or null'``, ``list[str]`` -> ``'a list of strings ...'``."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_words(arg) for arg in args)
-    if origin is list:
-        item = _type_words(args[0]).split(" (")[0].removeprefix("an ").removeprefix("a ") if args else "value"
-        return f"a list of {item}s (e.g. [a, b])"
-    if origin is dict or annotation is dict:
-        return "a mapping (key: value)"
-    return _TYPE_WORDS.get(annotation, getattr(annotation, "__name__", str(annotation)))
-
-
-def _number(value: Any) -> float | None:
-    """``value`` as a finite number, or None. Strings are parsed: YAML 1.1 reads ``1e-4`` (no dot) as a string."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return None
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return value
-    return None
-
-
-class _NotThisType(Exception):
-    """``value`` is not of one member of a union; the caller tries the next one, then names them all."""
-
-
-def _coerce_plain(value: Any, annotation: Any, key: str) -> Any:
-    """``value`` as the non-union type ``annotation``; ``_NotThisType`` if it is not one (a bad list item raises
-    ``ConfigError`` naming the item)."""
-    origin = typing.get_origin(annotation)
-    number = _number(value)
-    if annotation is Any:
-        return value
-    if annotation is bool and isinstance(value, bool):
-        return value
-    if annotation is float and number is not None:
-        return float(number)
-    if annotation is int and number is not None and float(number).is_integer():
-        return int(number)
-    if annotation is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)  # a name such as hub_config 3.0 or a folder called 2024
-    if annotation is type(None) and value is None:
-        return None
-    if origin is list and isinstance(value, (list, tuple)):
-        item = typing.get_args(annotation)[0] if typing.get_args(annotation) else Any
-        return [coerce_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if (origin is dict or annotation is dict) and isinstance(value, dict):
-        return value
-    raise _NotThisType
-
-
-def coerce_value(value: Any, annotation: Any, key: str) -> Any:
-    """``value`` (from YAML, the command line or a stored result) as the field type ``annotation``.
-
-    The one place where config values get their types, for every section and for method options alike, so the
-    range checks after it can compare numbers with numbers.
-
-    Raises:
-        ConfigError: naming ``key``, the value and the expected type (``train.lr: expected a number ...``).
-    """
-    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (
-        annotation,)
-    for member in members:
-        with contextlib.suppress(_NotThisType):
-            return _coerce_plain(value, member, key)
-    shown = "null" if value is None else f"{value!r} ({type(value).__name__})"
-    raise ConfigError(f"{key}: expected {_type_words(annotation)}, got {shown}")
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def coerce_fields(cls: type, values: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """Each of ``values`` coerced to the type of ``cls``'s field of that name (unknown names are left to the
-    caller, which lists the valid ones); errors name ``prefix.key``."""
-    types_ = _field_types(cls)
-    return {k: coerce_value(v, types_[k], f"{prefix}.{k}") if k in types_ else v for k, v in values.items()}
-
-
 def _set(cfg: RunConfig, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     top = {f.name for f in dataclasses.fields(RunConfig)}
@@ -356,7 +248,7 @@ def _set(cfg: RunConfig, dotted: str, value: Any) -> None:
             raise ConfigError(f"{head}: expected a mapping of {head}.* keys (e.g. {head}: {{key: value}}), got "
                               f"{value!r}")
         else:
-            setattr(cfg, head, coerce_value(value, _field_types(RunConfig)[head], head))
+            setattr(cfg, head, coerce_value(value, field_types(RunConfig)[head], head))
             return
     section = getattr(cfg, head)
     if not dataclasses.is_dataclass(section):
@@ -375,7 +267,7 @@ def _set(cfg: RunConfig, dotted: str, value: Any) -> None:
             raise ConfigError("method.options must be a mapping")
         section.options.update(value)
         return
-    setattr(section, key, coerce_value(value, _field_types(type(section))[key], dotted))
+    setattr(section, key, coerce_value(value, field_types(type(section))[key], dotted))
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -2,12 +2,11 @@
 
 ``peftlab merge --adapter DIR OUT`` loads the base model (through :mod:`peftlab.models.loading`, so the
 ``smollm2-135m`` alias and ``.gguf`` files work), applies the adapter, folds it into the base weights with the
-method's own ``merge()`` (LoRA: W += s B A, DoRA: W <- m / ||W + s B A|| (W + s B A), IA3: rows or columns of W
-times l, intrinsic-dim: W += P theta), puts the original modules back in place of the method's wrapper layers and
-writes ``save_pretrained`` of the model plus the tokenizer. The result loads with ``AutoModelForCausalLM`` alone and
-computes what base + adapter computed. Methods that change the inputs (prompt/prefix tuning) or add layers
-(bottleneck adapters) have no merged form and are refused, as is a target that shares its weight with the input
-embeddings (a tied LM head: merging would change the embeddings too).
+method's own ``merge()`` (each method states its rule as ``MethodSpec.merge_rule``; ``peftlab methods`` shows
+them), puts the original modules back in place of the method's wrapper layers and writes ``save_pretrained`` of the
+model plus the tokenizer. The result loads with ``AutoModelForCausalLM`` alone and computes what base + adapter
+computed. Methods that change the inputs or add layers have no merged form and are refused, as is a target that
+shares its weight with the input embeddings (a tied LM head: merging would change the embeddings too).
 """
 
 from __future__ import annotations
@@ -18,10 +17,11 @@ import torch
 from torch import nn
 
 from peftlab.config import ModelConfig
+from peftlab.interop.adapter_files import load_adapter, read_adapter_config
 from peftlab.interop.peft_format import PeftFormatError, atomic_folder, ensure_free
-from peftlab.methods.io import load_adapter, read_adapter_config
 from peftlab.methods.wrapped_linear import SlicedLinearWrapper
 from peftlab.models.loading import DTYPES, load_model_and_tokenizer
+from peftlab.registry import all_methods
 
 
 class NotMergeableError(ValueError):
@@ -42,6 +42,11 @@ def unwrap_merged(model: nn.Module) -> list[str]:
     return [name for name, _ in wrappers]
 
 
+def mergeable_methods() -> str:
+    """The methods with a merged form and their rules, e.g. ``lora (W += s B A), ia3 (...)``."""
+    return ", ".join(f"{spec.name} ({spec.merge_rule})" for spec in all_methods() if spec.merge_rule)
+
+
 def merged_model(model: nn.Module, adapter: str | Path, method_name: str) -> nn.Module:
     """Apply ``adapter`` to ``model``, merge it and unwrap: ``model`` becomes a plain transformers model again.
 
@@ -54,8 +59,7 @@ def merged_model(model: nn.Module, adapter: str | Path, method_name: str) -> nn.
         raise NotMergeableError(
             f"adapter {adapter}: method {method_name!r} cannot be merged into the base weights (its mergeable is "
             f"false: it changes the inputs, adds layers, or adapts a weight shared with the input embeddings); "
-            f"methods that merge: LoRA (incl. rsLoRA and DoRA), IA3 and intrinsic-dim, on layers other than a "
-            f"tied LM head")
+            f"methods that merge: {mergeable_methods()}, on layers other than a tied LM head")
     with torch.no_grad():
         method.merge()
     unwrap_merged(model)

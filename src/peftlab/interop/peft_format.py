@@ -1,4 +1,5 @@
-"""What peftlab knows about Hugging Face PEFT's adapter folder (peft 0.21), shared by export, import and merge.
+"""What peftlab knows about Hugging Face PEFT's adapter folder (peft 0.21), shared by export, import, merge and the
+methods' own converters (:class:`PeftConverter`, one per method folder, ``methods/<name>/peft.py``).
 
 A PEFT adapter folder (``PeftModel.save_pretrained``)::
 
@@ -20,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from peftlab.durable import durable_folder
 from peftlab.methods.tensor_file import load_adapter_tensors
+from peftlab.models.arch import transformer_blocks
+from peftlab.registry import MethodSpec, all_methods, get_method
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -33,18 +37,104 @@ PEFT_KEY_PREFIX = "base_model.model."
 EXPORT_METADATA_KEY = "peftlab_export"
 PEFT_FORMAT = "peft"  # the "format" of the config dict that read_adapter_config returns for a PEFT folder
 
-# peftlab method name <-> PEFT's peft_type, for the four methods both libraries have.
-PEFT_TYPES: dict[str, str] = {
-    "lora": "LORA",
-    "ia3": "IA3",
-    "prompt-tuning": "PROMPT_TUNING",
-    "prefix-tuning": "PREFIX_TUNING",
-}
-METHODS_BY_PEFT_TYPE: dict[str, str] = {v: k for k, v in PEFT_TYPES.items()}
-
-
 class PeftFormatError(ValueError):
     """A PEFT folder or option that peftlab cannot convert; the message names the file and key."""
+
+
+# A converter's export: PEFT's adapter_config.json options (peft_type and the common keys are added by the caller)
+# and the tensors under PEFT's keys.
+Exported = tuple[dict[str, Any], dict[str, torch.Tensor]]
+
+
+class PeftConverter:
+    """How one method maps to and from a Hugging Face PEFT adapter; a method folder's ``peft.py`` subclasses it and
+    its spec holds an instance (``MethodSpec.peft``). :mod:`peftlab.interop` calls only these hooks.
+
+    Attributes:
+        peft_type: PEFT's ``peft_type`` (``"LORA"``, ...).
+        mapped: PEFT options the converter maps to the method's options or checks against the model.
+        ignored: PEFT options that only steer PEFT's own initialisation or bookkeeping. Any other option must be
+            unset (None, False, empty, "none"), or the import is refused naming it.
+    """
+
+    peft_type: str = ""
+    mapped: frozenset[str] = frozenset()
+    ignored: frozenset[str] = frozenset()
+
+    def export(self, method: Any, base: str | None) -> Exported:
+        """PEFT's options and tensors for the applied ``method`` (``base``: PEFT's ``base_model_name_or_path``)."""
+        raise NotImplementedError
+
+    def import_options(self, config: dict[str, Any], where: Path) -> dict[str, Any]:
+        """The method's options for a PEFT ``adapter_config.json`` (no model needed); ``PeftFormatError`` names the
+        key it cannot convert."""
+        raise NotImplementedError
+
+    def dimensions(self, model: nn.Module) -> dict[str, int]:
+        """PEFT config keys that must equal these model dimensions (checked before the method is applied)."""
+        return {}
+
+    def fit_options(self, model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
+        """The imported options rewritten with the model at hand (e.g. PEFT name rules resolved to ours)."""
+        return options
+
+    def convert_state(self, config: dict[str, Any], state: dict[str, torch.Tensor],
+                      where: Path) -> dict[str, torch.Tensor]:
+        """PEFT's tensors (prefix removed) as the method's ``load_adapter_state_dict`` takes them."""
+        return state
+
+
+def converter(method_name: str) -> PeftConverter | None:
+    """The PEFT converter of a registered method, or None."""
+    return get_method(method_name).peft
+
+
+def exportable_methods() -> list[str]:
+    """Names of the methods that have a PEFT converter."""
+    return [spec.name for spec in all_methods() if spec.peft is not None]
+
+
+def spec_for_peft_type(peft_type: str, where: str | Path) -> MethodSpec:
+    """The registered method whose converter reads ``peft_type``.
+
+    Raises:
+        PeftFormatError: no method does (the message lists the importable PEFT types).
+    """
+    specs = {spec.peft.peft_type: spec for spec in all_methods() if spec.peft is not None}
+    if peft_type not in specs:
+        raise PeftFormatError(f"{where}: peft_type={peft_type!r} cannot be imported; importable PEFT types: "
+                              f"{', '.join(sorted(specs))} (peftlab methods "
+                              f"{', '.join(specs[t].name for t in sorted(specs))})")
+    return specs[peft_type]
+
+
+def required(config: dict[str, Any], key: str, where: Path) -> Any:
+    """``config[key]``; ``PeftFormatError`` when it is missing or null."""
+    if config.get(key) is None:
+        raise PeftFormatError(f"{where}: PEFT option {key!r} is missing or null")
+    return config[key]
+
+
+def base_module_names(model: nn.Module, wrappers: dict[str, nn.Module]) -> list[str]:
+    """Module paths of the base model: the model's, without what lives inside the method's wrapper layers."""
+    names = []
+    for name, _ in model.named_modules():
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        inside = False
+        while parent:
+            if parent in wrappers:
+                inside = True
+                break
+            parent = parent.rsplit(".", 1)[0] if "." in parent else ""
+        if name and not inside:
+            names.append(name)
+    return names
+
+
+def prompt_learning_shape(model: nn.Module) -> dict[str, int]:
+    """The model dimensions a PEFT prompt-learning config records (decoder-only: one transformer sub-module)."""
+    return {"num_transformer_submodules": 1, "num_layers": len(transformer_blocks(model)),
+            "num_attention_heads": int(model.config.num_attention_heads)}
 
 
 class OutputExistsError(FileExistsError, ValueError):

@@ -370,8 +370,15 @@ def _eval_locked(cfg: RunConfig, command: str) -> dict:
 
 
 def _zero_shot_setup(cfg: RunConfig) -> Setup:
-    """The base model untouched: a ``full`` method object is only a handle (nothing is trained)."""
-    return build(config_from_dict({**cfg.to_dict(), "method": {"name": "full", "options": {}}}))
+    """The base model untouched, in the dtype it was loaded in, behind a no-op method handle (nothing trains)."""
+    from peftlab.methods.base import BaseModelHandle
+
+    device = resolve_device(cfg.train.device)
+    set_seed(cfg.train.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device)
+    task = get_task(cfg.task)
+    return Setup(cfg, task, tokenizer, BaseModelHandle(model.to(device)), PromptEncoder(tokenizer, task, cfg.task),
+                 arch_fingerprint(model), device, results.count_parameters(model))
 
 
 def load_result(path: str | Path) -> dict[str, Any]:

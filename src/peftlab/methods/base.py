@@ -1,24 +1,25 @@
-"""The contract every PEFT method implements, and the method registry.
+"""The contract every PEFT method implements.
 
 A method is one folder under ``peftlab/methods/`` whose ``__init__.py`` calls :func:`register` with a
-:class:`MethodSpec`. ``spec.apply(model, config)`` modifies the model in place (wrapping modules, adding
-parameters) and returns a :class:`PeftMethod` object that the trainer, evaluator and saver talk to. The core
-never switches on method names: anything a method does to the inputs (soft prompts, prefixes) goes through
-:meth:`PeftMethod.prepare_inputs`.
+:class:`MethodSpec` (both live in the leaf module :mod:`peftlab.registry`, re-exported here).
+``spec.apply(model, config)`` modifies the model in place (wrapping modules, adding parameters) and returns a
+:class:`PeftMethod` object that the trainer, evaluator and saver talk to. The core never switches on method names:
+anything a method does to the inputs (soft prompts, prefixes) goes through :meth:`PeftMethod.prepare_inputs`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from peftlab.config import ConfigError, coerce_fields
+from peftlab.models.arch import is_tied
+from peftlab.registry import MethodSpec, SizeKnob, all_methods, get_method, register
+
+__all__ = ["BaseModelHandle", "LayerwiseMergeable", "MethodSpec", "PeftMethod", "SizeKnob", "all_methods",
+           "freeze_all", "get_method", "register"]
 
 
 class PeftMethod:
@@ -137,87 +138,20 @@ class LayerwiseMergeable(PeftMethod):
             layer.unmerge()
 
 
-@dataclass(frozen=True)
-class SizeKnob:
-    """The option that sets a method's size, for solving an equal parameter budget (:mod:`peftlab.methods.budget`).
+class BaseModelHandle(PeftMethod):
+    """The base model as loaded, behind the :class:`PeftMethod` interface (zero-shot evaluation): nothing is
+    trainable, nothing is wrapped, frozen or cast (a bf16 base stays bf16), and the inputs pass through."""
 
-    The method's trainable count must not decrease as the option grows.
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = None
 
-    Attributes:
-        option: the config field (``"r"``, ``"n_tokens"``, ...); an integer >= ``minimum``.
-        minimum: the smallest valid value.
-        maximum: ``maximum(shape, config) -> int`` the largest value worth trying for a model shape
-            (:class:`peftlab.models.shape.ModelShape`; e.g. the number of blocks); None: unbounded.
-        replaces: options dropped when the knob is set (they are another way to give the same size).
-    """
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {}
 
-    option: str
-    minimum: int = 1
-    maximum: Callable[[Any, Any], int] | None = None
-    replaces: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A registered method.
-
-    Attributes:
-        name: the name used in configs (``method=lora``).
-        config_cls: the method's config dataclass; its ``__post_init__`` raises ``ConfigError`` on bad values.
-        apply: ``apply(model, config) -> PeftMethod``; freezes what should be frozen and modifies ``model``.
-        summary: one line for ``peftlab methods``.
-        default_lr: learning rate used when ``train.lr`` is not set.
-        paper: link to the method's paper.
-        count_trainable: ``count_trainable(shape, config) -> int``, the number of parameters ``apply`` would train
-            on a model of that :class:`peftlab.models.shape.ModelShape` (computed from its config, nothing built);
-            raises ``ConfigError`` where ``apply`` would. None: the method cannot count ahead.
-        size_knob: the option that sets the method's size, or None when its count is fixed by the model.
-        budget_note: ``budget_note(shape, config) -> str``, a remark for the budget table (e.g. what is left
-            after training); None: no remark.
-    """
-
-    name: str
-    config_cls: type
-    apply: Callable[[nn.Module, Any], PeftMethod]
-    summary: str
-    default_lr: float
-    paper: str = ""
-    count_trainable: Callable[[Any, Any], int] | None = None
-    size_knob: SizeKnob | None = None
-    budget_note: Callable[[Any, Any], str] | None = None
-
-    def build_config(self, options: dict[str, Any]) -> Any:
-        """Instantiate the config from ``method.*`` options; an unknown key lists the valid ones."""
-        valid = {f.name for f in dataclasses.fields(self.config_cls)}
-        unknown = sorted(set(options) - valid)
-        if unknown:
-            raise ConfigError(
-                f"unknown option(s) {', '.join('method.' + k for k in unknown)} for method {self.name!r}; "
-                f"valid: {', '.join('method.' + k for k in sorted(valid))}"
-            )
-        return self.config_cls(**coerce_fields(self.config_cls, options, "method"))
-
-
-_REGISTRY: dict[str, MethodSpec] = {}
-
-
-def register(spec: MethodSpec) -> MethodSpec:
-    """Add a method to the registry (called from each method package's ``__init__``)."""
-    if spec.name in _REGISTRY:
-        raise ValueError(f"method {spec.name!r} is registered twice")
-    _REGISTRY[spec.name] = spec
-    return spec
-
-
-def get_method(name: str) -> MethodSpec:
-    """The spec registered under ``name``; an unknown name lists the registered ones."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"method: unknown method {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def all_methods() -> list[MethodSpec]:
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+    def describe(self) -> dict[str, Any]:
+        """Whether the head is tied (what zero-shot results recorded when the ``full`` method was the handle)."""
+        return {"tied": is_tied(self.model)}
 
 
 def freeze_all(model: nn.Module) -> None:

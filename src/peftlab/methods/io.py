@@ -10,9 +10,8 @@ Folder layout::
 Loading checks the base model's architecture fingerprint against the one recorded, and refuses a mismatch with a
 message naming each differing field, before any weight is touched.
 
-A Hugging Face PEFT adapter folder (``adapter_config.json`` with a ``peft_type`` + ``adapter_model.safetensors``)
-is read too: :func:`read_adapter_config` and :func:`load_adapter` convert it in memory (LoRA, IA3, prompt and
-prefix tuning; see :mod:`peftlab.interop.import_peft`), checking tensor shapes instead of a fingerprint.
+This module knows only peftlab's own format. :mod:`peftlab.interop.adapter_files` is the one place that picks the
+format of a folder (peftlab's, or Hugging Face PEFT's through :mod:`peftlab.interop.import_peft`) and loads it.
 """
 
 from __future__ import annotations
@@ -70,7 +69,7 @@ def save_adapter(method: PeftMethod, method_name: str, folder: str | Path, base_
 REQUIRED_KEYS: dict[str, type] = {"method": str, "method_config": dict, "base_model": str, "base_fingerprint": dict}
 
 
-def read_adapter_config(folder: str | Path) -> dict[str, Any]:
+def read_peftlab_config(folder: str | Path) -> dict[str, Any]:
     """The adapter's JSON config, checked without loading any model: the config (method, options, task) and the
     structure of the weight file's header, so a damaged adapter is refused before the base model loads.
 
@@ -80,13 +79,6 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
             option (the file and key are named), or a damaged weight file (:class:`TensorFileError`).
     """
     folder = Path(folder)
-    if _is_peft_folder(folder):
-        from peftlab.interop.import_peft import peft_adapter_config  # interop builds on this module: import late
-        from peftlab.interop.peft_format import peft_weights_path
-
-        config = peft_adapter_config(folder)
-        read_header(peft_weights_path(folder))
-        return config
     config = _read_config_file(folder)
     read_header(folder / WEIGHTS_NAME)
     return config
@@ -120,12 +112,6 @@ def _read_config_file(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _is_peft_folder(folder: Path) -> bool:
-    from peftlab.interop.peft_format import is_peft_folder  # interop builds on this module: import late
-
-    return is_peft_folder(folder)
-
-
 def check_base(config: dict[str, Any], model: nn.Module, folder: str | Path) -> None:
     """Raise ``AdapterMismatchError`` when ``model`` differs from the base the adapter was trained on."""
     expected, actual = config["base_fingerprint"], arch_fingerprint(model)
@@ -137,17 +123,10 @@ def check_base(config: dict[str, Any], model: nn.Module, folder: str | Path) -> 
             + "; ".join(diffs))
 
 
-def load_adapter(model: nn.Module, folder: str | Path) -> tuple[PeftMethod, dict[str, Any]]:
-    """Apply the saved method to ``model`` (checked against the recorded base) and load its weights.
-
-    A PEFT adapter folder is converted in memory; its tensor shapes are checked against ``model`` instead.
-    """
+def load_peftlab_adapter(model: nn.Module, folder: str | Path) -> tuple[PeftMethod, dict[str, Any]]:
+    """Apply the saved method to ``model`` (checked against the recorded base) and load its weights."""
     folder = Path(folder)
-    if _is_peft_folder(folder):
-        from peftlab.interop.import_peft import load_peft_adapter  # interop builds on this module: import late
-
-        return load_peft_adapter(model, folder)
-    config = read_adapter_config(folder)
+    config = read_peftlab_config(folder)
     check_base(config, model, folder)
     spec = get_method(config["method"])
     method = spec.apply(model, spec.build_config(config["method_config"]))
@@ -161,3 +140,13 @@ def load_adapter(model: nn.Module, folder: str | Path) -> tuple[PeftMethod, dict
     except ValueError as exc:
         raise TensorFileError(f"{path}: {exc}") from None
     return method, config
+
+
+def __getattr__(name: str) -> Any:
+    """``load_adapter`` / ``read_adapter_config`` of either format, for callers that still import them from here
+    (lab/experiment.py): they moved to :mod:`peftlab.interop.adapter_files`, above both formats."""
+    if name in ("load_adapter", "read_adapter_config"):
+        from peftlab.interop import adapter_files
+
+        return getattr(adapter_files, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

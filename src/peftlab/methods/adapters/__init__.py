@@ -18,10 +18,12 @@ DEFAULT_LR = 1e-3
 # Solving a budget sets bottleneck_size; a reduction_factor in the options is the other way to say it, so dropped.
 BOTTLENECK_KNOB = SizeKnob("bottleneck_size", replaces=("reduction_factor",))
 
+NO_PEFT = "PEFT has no bottleneck adapter type (those live in the separate adapters library)"
+
 SPECS = tuple(
     register(MethodSpec(name=cls.METHOD, config_cls=cls, apply=apply_adapters, summary=summary,
                         default_lr=DEFAULT_LR, paper=paper, count_trainable=count_adapters, size_knob=BOTTLENECK_KNOB,
-                        budget_note=adapter_note))
+                        budget_note=adapter_note, no_peft=NO_PEFT))
     for cls, summary, paper in (
         (HoulsbyAdapterConfig, "sequential bottleneck adapters after each block's attention output and FFN output",
          "https://arxiv.org/abs/1902.00751"),

@@ -6,19 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from peftlab.config import ConfigError, check, check_choice, opt
+from peftlab.options import ConfigError, MethodOptions, check, check_choice, opt
 
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
 PLACEMENTS = ("ffn", "attn", "both")
 DEFAULT_BOTTLENECK = 64
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclass
-class AdapterConfig:
+class AdapterConfig(MethodOptions):
     """Shared fields; the class attributes say how the method places its adapters.
 
     Attributes:
@@ -41,7 +37,7 @@ class AdapterConfig:
     placement: str = opt("ffn", "parallel adapters: next to the feed-forward (ffn), the attention (attn) or both")
     dropout: float = opt(0.0, "dropout on the bottleneck activations (after the non-linearity), in [0, 1)")
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.bottleneck_size is not None and self.reduction_factor is not None:
             raise ConfigError(
                 f"method.bottleneck_size / method.reduction_factor: set one of the two, not both "
@@ -49,17 +45,14 @@ class AdapterConfig:
         if self.reduction_factor is None:
             if self.bottleneck_size is None:
                 self.bottleneck_size = DEFAULT_BOTTLENECK
-            size = self.bottleneck_size
-            check(isinstance(size, int) and not isinstance(size, bool) and size > 0, "method.bottleneck_size",
-                  f"must be an integer > 0, got {size!r}")
+            check(self.bottleneck_size > 0, "method.bottleneck_size",
+                  f"must be an integer > 0, got {self.bottleneck_size!r}")
         else:
-            check(_is_number(self.reduction_factor) and self.reduction_factor > 0, "method.reduction_factor",
+            check(self.reduction_factor > 0, "method.reduction_factor",
                   f"must be a number > 0, got {self.reduction_factor!r}")
         check_choice(self.non_linearity, "method.non_linearity", NON_LINEARITIES)
-        check(_is_number(self.scaling) and self.scaling > 0, "method.scaling",
-              f"must be a number > 0, got {self.scaling!r}")
-        check(_is_number(self.dropout) and 0 <= self.dropout < 1, "method.dropout",
-              f"must be in [0, 1), got {self.dropout!r}")
+        check(self.scaling > 0, "method.scaling", f"must be a number > 0, got {self.scaling!r}")
+        check(0 <= self.dropout < 1, "method.dropout", f"must be in [0, 1), got {self.dropout!r}")
         if self.placement not in self.ALLOWED_PLACEMENTS:
             raise ConfigError(
                 f"method.placement: {self.placement!r} is not one of {', '.join(map(repr, self.ALLOWED_PLACEMENTS))}"
@@ -69,7 +62,7 @@ class AdapterConfig:
     def bottleneck(self, hidden_size: int) -> int:
         """The bottleneck width b for a model of width ``hidden_size`` (``hidden_size // reduction_factor``)."""
         if self.reduction_factor is None:
-            return int(self.bottleneck_size)  # type: ignore[arg-type]  # set in __post_init__
+            return int(self.bottleneck_size)  # type: ignore[arg-type]  # set in check()
         size = int(hidden_size // self.reduction_factor)
         check(size > 0, "method.reduction_factor",
               f"hidden_size {hidden_size} // {self.reduction_factor!r} = {size}; the bottleneck must be > 0")

@@ -14,6 +14,7 @@ SPEC = register(
         default_lr=1e-3,
         paper="https://arxiv.org/abs/2106.10199",
         count_trainable=count_bitfit,
+        no_peft="PEFT has no bias-only adapter type (its bias option trains biases next to another adapter)",
     )
 )
 

@@ -13,6 +13,7 @@ SPEC = register(
         summary="every parameter trains (the reference)",
         default_lr=2e-5,
         count_trainable=count_full,
+        no_peft="full fine-tuning saves every weight; save the model itself instead of a PEFT adapter",
     )
 )
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from peftlab.options import MethodOptions
+
 
 @dataclass
-class FullConfig:
+class FullConfig(MethodOptions):
     """Full fine-tuning has no options (the learning rate is ``train.lr``)."""

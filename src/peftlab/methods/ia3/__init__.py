@@ -5,6 +5,7 @@ from peftlab.methods.ia3.config import IA3Config
 from peftlab.methods.ia3.count import count_ia3
 from peftlab.methods.ia3.layer import IA3Linear
 from peftlab.methods.ia3.method import IA3Method, apply_ia3
+from peftlab.methods.ia3.peft import IA3Converter
 
 SPEC = register(
     MethodSpec(
@@ -15,6 +16,8 @@ SPEC = register(
         default_lr=3e-3,
         paper="https://arxiv.org/abs/2205.05638",
         count_trainable=count_ia3,
+        peft=IA3Converter(),
+        merge_rule="rows (output scaling) or columns (input scaling) of W times l",
     )
 )
 

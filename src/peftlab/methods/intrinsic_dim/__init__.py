@@ -28,6 +28,8 @@ SPEC = register(
         count_trainable=count_intrinsic_dim,
         size_knob=SizeKnob("d", maximum=subspace_size),
         budget_note=intrinsic_dim_note,
+        no_peft="PEFT has no random-subspace (intrinsic-dimension) adapter type",
+        merge_rule="W += P theta (SAID: W += lambda_i (P theta)_i)",
     )
 )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftlab.config import ConfigError, check, check_choice, opt
+from peftlab.options import MethodOptions, check, check_choice, check_module_names, opt
 
 PROJECTIONS = ("auto", "dense", "fastfood")
 
@@ -12,12 +12,8 @@ PROJECTIONS = ("auto", "dense", "fastfood")
 DENSE_MAX_ENTRIES = 20_000_000
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass
-class IntrinsicDimConfig:
+class IntrinsicDimConfig(MethodOptions):
     d: int = opt(1000, "intrinsic dimension: size of the trainable vector theta_d (the offset is P theta_d)")
     projection: str = opt(
         "auto",
@@ -36,16 +32,8 @@ class IntrinsicDimConfig:
     )
     seed: int = opt(0, "seed of the random projection; saved with the adapter, which regenerates P from it")
 
-    def __post_init__(self) -> None:
-        check(_is_int(self.d) and self.d > 0, "method.d", f"must be an integer > 0, got {self.d!r}")
+    def check(self) -> None:
+        check(self.d > 0, "method.d", f"must be an integer > 0, got {self.d!r}")
         check_choice(self.projection, "method.projection", PROJECTIONS)
-        check(isinstance(self.said, bool), "method.said", f"must be true or false, got {self.said!r}")
-        check(_is_int(self.seed) and self.seed >= 0, "method.seed", f"must be an integer >= 0, got {self.seed!r}")
-        targets = self.target_modules
-        if isinstance(targets, str):
-            check(bool(targets.strip()), "method.target_modules", "must not be empty")
-        elif isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) and t for t in targets):
-            self.target_modules = list(targets)
-        else:
-            raise ConfigError(f"method.target_modules: expected 'all-linear', a non-empty list of names (e.g. [q, v]) "
-                              f"or a regex string, got {targets!r}")
+        check(self.seed >= 0, "method.seed", f"must be an integer >= 0, got {self.seed!r}")
+        self.target_modules = check_module_names(self.target_modules, "method.target_modules")

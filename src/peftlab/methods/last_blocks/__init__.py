@@ -16,6 +16,7 @@ SPEC = register(
         paper="https://arxiv.org/abs/1911.03090",
         count_trainable=count_last_blocks,
         size_knob=SizeKnob("n_blocks", maximum=max_blocks),
+        no_peft="PEFT has no adapter type that trains whole blocks (modules_to_save needs another one)",
     )
 )
 

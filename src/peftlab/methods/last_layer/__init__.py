@@ -15,6 +15,7 @@ SPEC = register(
         paper="https://arxiv.org/abs/2202.10054",
         count_trainable=count_last_layer,
         budget_note=last_layer_note,
+        no_peft="PEFT has no adapter type that trains only the output head (modules_to_save needs another one)",
     )
 )
 

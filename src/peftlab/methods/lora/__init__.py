@@ -5,6 +5,7 @@ from peftlab.methods.lora.config import LoraConfig
 from peftlab.methods.lora.count import count_lora
 from peftlab.methods.lora.layer import LoraLinear
 from peftlab.methods.lora.method import LoraMethod, apply_lora
+from peftlab.methods.lora.peft import LoraConverter
 
 SPEC = register(
     MethodSpec(
@@ -16,6 +17,8 @@ SPEC = register(
         paper="https://arxiv.org/abs/2106.09685",
         count_trainable=count_lora,
         size_knob=SizeKnob("r"),
+        peft=LoraConverter(),
+        merge_rule="W += s B A; DoRA: W <- m / ||W + s B A|| (W + s B A)",
     )
 )
 

@@ -13,6 +13,7 @@ from peftlab.methods.prefix_tuning.method import (
     apply_prefix_tuning,
     kv_shape,
 )
+from peftlab.methods.prefix_tuning.peft import PrefixTuningConverter
 
 SPEC = register(
     MethodSpec(
@@ -29,6 +30,7 @@ SPEC = register(
         count_trainable=count_prefix_tuning,
         size_knob=SizeKnob("n_tokens", maximum=max_prefix_tokens),
         budget_note=prefix_note,
+        peft=PrefixTuningConverter(),
     )
 )
 

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftlab.config import check, opt
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+from peftlab.options import MethodOptions, check, opt
 
 
 @dataclass
-class PrefixTuningConfig:
+class PrefixTuningConfig(MethodOptions):
     n_tokens: int = opt(20, "number of virtual key/value positions prepended in every layer")
     reparametrize: bool = opt(
         True,
@@ -25,12 +21,6 @@ class PrefixTuningConfig:
         "(PEFT saves the same)",
     )
 
-    def __post_init__(self) -> None:
-        check(_is_int(self.n_tokens) and self.n_tokens > 0, "method.n_tokens",
-              f"must be an integer > 0, got {self.n_tokens!r}")
-        check(isinstance(self.reparametrize, bool), "method.reparametrize",
-              f"must be true or false, got {self.reparametrize!r}")
-        check(_is_int(self.hidden_size) and self.hidden_size > 0, "method.hidden_size",
-              f"must be an integer > 0, got {self.hidden_size!r}")
-        check(isinstance(self.drop_mlp_after_training, bool), "method.drop_mlp_after_training",
-              f"must be true or false, got {self.drop_mlp_after_training!r}")
+    def check(self) -> None:
+        check(self.n_tokens > 0, "method.n_tokens", f"must be an integer > 0, got {self.n_tokens!r}")
+        check(self.hidden_size > 0, "method.hidden_size", f"must be an integer > 0, got {self.hidden_size!r}")

@@ -4,6 +4,7 @@ from peftlab.methods.base import MethodSpec, SizeKnob, register
 from peftlab.methods.prompt_tuning.config import PROMPT_INITS, PromptTuningConfig
 from peftlab.methods.prompt_tuning.count import count_prompt_tuning, max_prompt_tokens
 from peftlab.methods.prompt_tuning.method import PROMPT_PARAM, PromptTuningMethod, apply_prompt_tuning
+from peftlab.methods.prompt_tuning.peft import PromptTuningConverter
 
 SPEC = register(
     MethodSpec(
@@ -15,6 +16,7 @@ SPEC = register(
         paper="https://arxiv.org/abs/2104.08691",
         count_trainable=count_prompt_tuning,
         size_knob=SizeKnob("n_tokens", maximum=max_prompt_tokens),
+        peft=PromptTuningConverter(),
     )
 )
 

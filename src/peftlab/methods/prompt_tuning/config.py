@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftlab.config import check, check_choice, opt
+from peftlab.options import MethodOptions, check, check_choice, opt
 
 PROMPT_INITS = ("random", "vocab", "text")
 
 
 @dataclass
-class PromptTuningConfig:
+class PromptTuningConfig(MethodOptions):
     n_tokens: int = opt(20, "number of virtual tokens prepended to every input")
     init: str = opt(
         "vocab",
@@ -24,9 +24,8 @@ class PromptTuningConfig:
         "may be given directly instead of init_text",
     )
 
-    def __post_init__(self) -> None:
-        check(isinstance(self.n_tokens, int) and not isinstance(self.n_tokens, bool) and self.n_tokens > 0,
-              "method.n_tokens", f"must be an integer > 0, got {self.n_tokens!r}")
+    def check(self) -> None:
+        check(self.n_tokens > 0, "method.n_tokens", f"must be an integer > 0, got {self.n_tokens!r}")
         check_choice(self.init, "method.init", PROMPT_INITS)
         if self.init == "text":
             check(bool(self.init_text) or bool(self.init_token_ids), "method.init_text",
@@ -37,7 +36,5 @@ class PromptTuningConfig:
                   f"is only used with init=text (init is {self.init!r})")
         if self.init_token_ids is not None:
             ids = self.init_token_ids
-            check(isinstance(ids, (list, tuple)) and len(ids) > 0
-                  and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids),
-                  "method.init_token_ids", f"must be a non-empty list of token ids >= 0, got {ids!r}")
-            self.init_token_ids = list(ids)
+            check(len(ids) > 0 and all(i >= 0 for i in ids), "method.init_token_ids",
+                  f"must be a non-empty list of token ids >= 0, got {ids!r}")
