@@ -79,7 +79,7 @@ def run_setting(model_name: str, batch: int, length: int, target: int, steps: in
     from transformers import AutoModelForCausalLM
 
     from peftlab.methods import get_method
-    from peftlab.models.arch import checkpoint_blocks
+    from peftlab.models.checkpointing import checkpoint_blocks
     from peftlab.models.loading import pretrained_source
     from peftlab.training.host_memory import release_freed_memory
     from peftlab.training.loss import target_only_loss

@@ -21,7 +21,7 @@ from peftlab.data.encode import EncodedExample
 from peftlab.evaluation.generate import greedy_generate
 from peftlab.methods import PeftMethod, all_methods, get_method
 from peftlab.models import arch
-from peftlab.models.arch import blocks_checkpointed, checkpoint_blocks
+from peftlab.models.checkpointing import blocks_checkpointed, checkpoint_blocks
 from peftlab.training.loss import target_only_loss
 from peftlab.training.trainer import Trainer
 

@@ -15,18 +15,17 @@ appears once, as the input embedding), which tests/test_budget.py checks against
   ``attention_bias`` and the MLP by ``mlp_bias``; Qwen2 always on q/k/v; Qwen3 q/k/v/o by ``attention_bias`` and
   per-head RMSNorms ``q_norm``/``k_norm`` (hd); Mistral none.
 
-Target names resolve as :func:`peftlab.models.arch.resolve_targets` resolves them on a built model
-(:func:`resolve_target_shapes`).
+Target names resolve with the one resolver of :mod:`peftlab.models.targets` (:func:`resolve_target_shapes`), as
+on a built model.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from peftlab.config import ConfigError
-from peftlab.models.arch import _REGEX_CHARS, ALL_LINEAR, CANONICAL_TARGETS, FAMILIES, FUSED_QKV_PARTS
+from peftlab.models.targets import FUSED_QKV_PARTS, resolve
 
 # model_type -> module-naming family of :data:`peftlab.models.arch.FAMILIES`.
 SHAPE_FAMILIES: dict[str, str] = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama",
@@ -260,75 +259,14 @@ def resolve_target_shapes(shape: ModelShape, targets: list[str] | str, *,
                           key: str = "target_modules") -> list[TargetShape]:
     """The linear layers (or GPT-2 q/k/v output slices) that ``targets`` names, in model order.
 
-    Same rules and errors as :func:`peftlab.models.arch.resolve_targets` (canonical names, ``all-linear``,
-    module-name suffixes, or one regex string fully matched against module paths), on the config's layout.
+    The same resolver as :func:`peftlab.models.arch.resolve_targets` (:func:`peftlab.models.targets.resolve`), on
+    the config's layout.
 
     Raises:
         ConfigError: an item matches nothing, the list is empty, or a module is targeted both whole and as slices.
     """
-    if isinstance(targets, str):
-        if _REGEX_CHARS & set(targets):
-            return _finish(shape, _match_regex(shape, targets, key), key)
-        targets = [targets]
-    if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ConfigError(f"{key}: expected a non-empty list of module names, got {targets!r}")
-    found: dict[tuple[str, str | None], TargetShape] = {}
-    for item in targets:
-        matches = _match_item(shape, item)
-        if not matches:
-            raise ConfigError(f"{key}: {item!r} matches no linear layer of this {shape.model_type} model; "
-                              f"{_valid_names(shape)}")
-        for t in matches:
-            found[(t.name, t.part)] = t
-    return _finish(shape, found, key)
-
-
-def _whole(layer: LinearShape) -> TargetShape:
-    return TargetShape(layer.name, layer.in_features, layer.out_features)
-
-
-def _match_item(shape: ModelShape, item: str) -> list[TargetShape]:
-    if item == ALL_LINEAR:
-        return [_whole(lin) for lin in shape.linears if lin.name.startswith(shape.block_prefix + ".")]
-    if item in CANONICAL_TARGETS:
-        if item not in FAMILIES[shape.family]:
-            return []
-        path, index = FAMILIES[shape.family][item]
-        found = []
-        for i in range(shape.num_layers):
-            layer = shape.linear(f"{shape.block_prefix}.{i}.{path}")
-            if index is None:
-                found.append(_whole(layer))
-            else:  # one third of a fused [q | k | v] layer's output columns
-                width = layer.out_features // FUSED_QKV_PARTS
-                found.append(TargetShape(layer.name, layer.in_features, layer.out_features, item,
-                                         (index * width, (index + 1) * width)))
-        return found
-    return [_whole(lin) for lin in shape.linears if lin.name == item or lin.name.endswith("." + item)]
-
-
-def _match_regex(shape: ModelShape, pattern: str, key: str) -> dict[tuple[str, str | None], TargetShape]:
-    try:
-        regex = re.compile(pattern)
-    except re.error as exc:
-        raise ConfigError(f"{key}: {pattern!r} is not a valid regex: {exc}") from exc
-    found = {(lin.name, None): _whole(lin) for lin in shape.linears if regex.fullmatch(lin.name)}
-    if not found:
-        raise ConfigError(f"{key}: regex {pattern!r} fully matches no linear layer's name "
-                          f"(e.g. {shape.block_prefix}.0...); {_valid_names(shape)}")
-    return found
-
-
-def _finish(shape: ModelShape, found: dict[tuple[str, str | None], TargetShape], key: str) -> list[TargetShape]:
-    whole = {name for name, part in found if part is None}
-    overlap = sorted({name for name, part in found if part is not None and name in whole})
-    if overlap:
-        raise ConfigError(f"{key}: {overlap[0]} is targeted both whole and as q/k/v slices; choose one")
-    order = {lin.name: i for i, lin in enumerate(shape.linears)}
-    return sorted(found.values(), key=lambda t: (order[t.name], t.out_slice or (0, 0)))
-
-
-def _valid_names(shape: ModelShape) -> str:
-    leaves = sorted({lin.name.rsplit(".", 1)[-1] for lin in shape.linears})
-    return (f"valid: canonical names {', '.join([*FAMILIES[shape.family], ALL_LINEAR])}, "
-            f"module-name suffixes such as {', '.join(leaves)}, or a regex string over full module names")
+    prefixes = [f"{shape.block_prefix}.{i}" for i in range(shape.num_layers)]
+    found = resolve(shape.linears, targets, key=key, model_type=shape.model_type, family=shape.family,
+                    block_prefixes=prefixes)
+    return [TargetShape(lin.name, lin.in_features, lin.out_features, part, out_slice)
+            for lin, part, out_slice in found]

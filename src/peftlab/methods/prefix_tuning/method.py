@@ -22,10 +22,10 @@ The prefixes enter through the KV cache: :meth:`PrefixTuningMethod.prepare_input
 tokens n, n+1, ... when no ``position_ids`` are passed (training), and the generate loop's ``cumsum(mask) - 1`` over
 the extended mask gives the same numbers, as does PEFT (it adds n to the position ids it is given).
 
-Gradient checkpointing (``train.gradient_checkpointing``, :func:`peftlab.models.arch.checkpoint_blocks`) runs each
-block's forward a second time in the backward pass, so each layer calls ``cache.update(k, v, layer)`` twice. A
-storing cache would then hold the real keys twice; the training-time cache is stateless instead: it holds only the
-prefixes and ``update`` returns ``[prefix ; k]`` without storing, so a replay gives the same tensors, while
+Gradient checkpointing (``train.gradient_checkpointing``, :func:`peftlab.models.checkpointing.checkpoint_blocks`)
+runs each block's forward a second time in the backward pass, so each layer calls ``cache.update(k, v, layer)``
+twice. A storing cache would then hold the real keys twice; the training-time cache is stateless instead: it holds
+only the prefixes and ``update`` returns ``[prefix ; k]`` without storing, so a replay gives the same tensors, while
 ``get_seq_length``/``get_mask_sizes`` still count the n prefix positions. Generation (eval mode or no autograd)
 gets the storing cache, which the decode steps extend. Hugging Face's own checkpointing
 (``model.activation_checkpointing_enable()``, formerly ``gradient_checkpointing_enable()``) is refused: it drops
@@ -44,7 +44,7 @@ from transformers import DynamicCache
 
 from peftlab.methods.base import PeftMethod, freeze_all
 from peftlab.methods.prefix_tuning.config import PrefixTuningConfig
-from peftlab.models.arch import hf_gradient_checkpointing
+from peftlab.models.checkpointing import hf_gradient_checkpointing
 
 # Name of the prefix module on the model (moves with model.to()).
 PREFIX_MODULE = "prefix_encoder"
@@ -134,7 +134,7 @@ class PrefixCache(DynamicCache):
 
     @property
     def replay_safe(self) -> bool:
-        """What :func:`peftlab.models.arch.checkpoint_blocks` checks before it lets a block replay its forward."""
+        """What :func:`peftlab.models.checkpointing.checkpoint_blocks` checks before a block replays its forward."""
         return self.stateless
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
@@ -156,7 +156,7 @@ HF_CHECKPOINTING_ERROR = (
     "prefix tuning does not work with Hugging Face's gradient checkpointing (model.activation_checkpointing_enable() "
     "or gradient_checkpointing_enable()): it drops the KV cache, which holds the prefixes, inside checkpointed "
     "layers; call model.activation_checkpointing_disable() and use train.gradient_checkpointing=true "
-    "(peftlab.models.arch.checkpoint_blocks), which keeps the cache"
+    "(peftlab.models.checkpointing.checkpoint_blocks), which keeps the cache"
 )
 
 
@@ -212,8 +212,8 @@ class PrefixTuningMethod(PeftMethod):
         ``past_key_values`` before).
 
         The cache is stateless when the model trains (training mode with autograd on: the only case in which
-        :func:`~peftlab.models.arch.checkpoint_blocks` replays blocks), a storing one otherwise, which generation
-        extends token by token.
+        :func:`~peftlab.models.checkpointing.checkpoint_blocks` replays blocks), a storing one otherwise, which
+        generation extends token by token.
         """
         training = self.model.training and torch.is_grad_enabled()
         if training and hf_gradient_checkpointing(self.model):
