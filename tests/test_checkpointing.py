@@ -7,19 +7,17 @@ Prefix tuning, whose prefixes live in the KV cache, is the case Hugging Face's o
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 from conftest import MODEL_FACTORIES, tiny_gpt2, tiny_llama, toy_examples
+from method_cases import CASES, case_of, method_params
 from torch import nn
 from transformers import DynamicCache
 
-import peftlab.methods  # noqa: F401  registers every method
 from peftlab.config import TrainConfig
 from peftlab.data.encode import EncodedExample
 from peftlab.evaluation.generate import greedy_generate
-from peftlab.methods import PeftMethod, all_methods, get_method
+from peftlab.methods import PeftMethod, get_method
 from peftlab.models import arch
 from peftlab.models.checkpointing import blocks_checkpointed, checkpoint_blocks
 from peftlab.training.loss import target_only_loss
@@ -27,32 +25,13 @@ from peftlab.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# method -> (options, families); small sizes, dropout where a method has it (the replay must redraw the same masks).
-CASES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
-    "adapter-houlsby": ({"bottleneck_size": 8}, ("gpt2", "llama")),
-    "adapter-parallel": ({"bottleneck_size": 4, "placement": "both", "dropout": 0.1}, ("gpt2", "llama")),
-    "adapter-pfeiffer": ({"reduction_factor": 4}, ("gpt2", "llama")),
-    "adapter-scaled-parallel": ({"bottleneck_size": 8, "placement": "attn"}, ("gpt2", "llama")),
-    "bitfit": ({}, ("gpt2",)),  # Llama has no biases
-    "full": ({}, ("gpt2", "llama")),
-    "ia3": ({}, ("gpt2", "llama")),
-    "intrinsic-dim": ({"d": 16}, ("gpt2", "llama")),
-    "last-blocks": ({"n_blocks": 1}, ("gpt2", "llama")),
-    "last-layer": ({}, ("gpt2", "llama")),
-    "lora": ({"r": 4, "target_modules": "all-linear", "dropout": 0.1}, ("gpt2", "llama")),
-    "prefix-tuning": ({"n_tokens": 3, "hidden_size": 16}, ("gpt2", "llama")),
-    "prompt-tuning": ({"n_tokens": 4, "init": "random"}, ("gpt2", "llama")),
-}
-MATRIX = [(name, fam) for name, (_, families) in CASES.items() for fam in families]
-
-
 def build(name: str, family: str) -> PeftMethod:
-    """A fresh tiny model with ``name`` applied and its trainable weights moved off their init (LoRA's B = 0 would
-    leave A's gradient zero, which would compare nothing)."""
+    """A fresh tiny model with the shared case ``name`` (tests/method_cases.py) applied and its trainable weights
+    moved off their init (LoRA's B = 0 would leave A's gradient zero, which would compare nothing)."""
     model = MODEL_FACTORIES[family]()
-    spec = get_method(name)
+    spec = get_method(CASES[name].method)
     torch.manual_seed(3)
-    method = spec.apply(model, spec.build_config(dict(CASES[name][0])))
+    method = spec.apply(model, spec.build_config(dict(CASES[name].options)))
     with torch.no_grad():
         for p in method.trainable_parameters().values():
             p.add_(0.05 * torch.randn_like(p))
@@ -82,12 +61,9 @@ def loss_and_grads(name: str, family: str, batch: dict, checkpointed: bool) -> t
     return loss.detach(), grads, calls[0]
 
 
-def test_the_table_covers_every_registered_method():
-    assert set(CASES) == {spec.name for spec in all_methods()}
-
-
-@pytest.mark.parametrize(("name", "family"), MATRIX)
+@pytest.mark.parametrize(("name", "family"), method_params())
 def test_loss_and_gradients_equal_without_checkpointing(name, family, batch):
+    case_of(name, family)
     loss, grads, calls = loss_and_grads(name, family, batch, checkpointed=False)
     ck_loss, ck_grads, ck_calls = loss_and_grads(name, family, batch, checkpointed=True)
     torch.testing.assert_close(ck_loss, loss, rtol=0, atol=1e-6)

@@ -10,21 +10,11 @@ from peftlab.config import TrainConfig
 from peftlab.data.encode import EncodedExample
 from peftlab.evaluation.generate import greedy_generate
 from peftlab.methods import get_method
-from peftlab.methods.base import PeftMethod
+from peftlab.methods.base import BaseModelHandle
 from peftlab.training import checkpoint as ckpt
 from peftlab.training.loss import IGNORE_INDEX, sequence_log_probs, target_only_loss
 from peftlab.training.schedule import lr_lambda
 from peftlab.training.trainer import Interrupt, Trainer
-
-
-class BaseOnly(PeftMethod):
-    """The base model untouched (the default hooks), for tests of the core."""
-
-    def __init__(self, model):
-        self.model, self.config = model, None
-
-    def trainable_parameters(self):
-        return {}
 
 
 def test_target_only_loss_equals_full_logits_loss(tiny_model, batch):
@@ -56,7 +46,7 @@ def test_schedules(schedule, expected):
 
 def test_greedy_generate_matches_hf_generate(tiny_model):
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
-    method = BaseOnly(tiny_model)
+    method = BaseModelHandle(tiny_model)
     ours = greedy_generate(method, prompts, pad_id=1, eos_ids={1}, max_new_tokens=6, device=torch.device("cpu"))
     for prompt, row in zip(prompts, ours, strict=True):  # one at a time: no padding in the reference
         ref = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=1,
