@@ -194,15 +194,13 @@ def measure_family(family: Family) -> Rates:
     """Load the model, apply the family's method and measure its rates (see the module docstring)."""
     import torch
 
-    from peftlab.config import config_from_dict
-    from peftlab.lab.experiment import build
+    from peftlab.lab.experiment import _zero_shot_setup, build
 
     t0 = time.perf_counter()
     cfg = family.cfg
-    if not family.train:  # the bare base model: the "full" handle, as zero-shot evaluation uses
-        cfg = config_from_dict({**cfg.to_dict(), "method": {"name": "full", "options": {}}})
     threads = torch.get_num_threads()
-    setup = build(cfg)
+    # the bare base model as a zero-shot run evaluates it (its dtype kept, nothing trains), or the applied method
+    setup = build(cfg) if family.train else _zero_shot_setup(cfg)
     rates = Rates(load_seconds=time.perf_counter() - t0)
     rates.virtual_positions = _virtual_positions(setup.method, setup.device)
     if family.train:
