@@ -46,6 +46,8 @@ CASES: dict[str, MethodCase] = {
     "last-blocks": MethodCase("last-blocks", {"n_blocks": 1}, lr=1e-3),
     "last-layer": MethodCase("last-layer", {}),
     "lora": MethodCase("lora", {"r": 4, "target_modules": "all-linear", "dropout": 0.1}),
+    "lora-pissa": MethodCase("lora", {"r": 4, "alpha": 8, "target_modules": ["q", "v", "o"], "init": "pissa"}),
+    "lora-olora": MethodCase("lora", {"r": 4, "alpha": 8, "target_modules": ["q", "v", "o"], "init": "olora"}),
     "prefix-tuning": MethodCase("prefix-tuning", {"n_tokens": 3, "hidden_size": 16}),
     "prompt-tuning": MethodCase("prompt-tuning", {"n_tokens": 4, "init": "random"}, lr=3e-2),
 }

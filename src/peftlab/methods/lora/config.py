@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftlab.options import MethodOptions, check, check_module_names, opt
+from peftlab.options import MethodOptions, check, check_choice, check_module_names, opt
+
+# default: A kaiming-uniform, B = 0 (the base is untouched). pissa / olora (principal singular vectors / QR of W)
+# start B A at the top of W and train on the residual base W - s B0 A0; see layer.py.
+LORA_INITS = ("default", "pissa", "olora")
 
 
 @dataclass
@@ -22,12 +26,20 @@ class LoraConfig(MethodOptions):
         False,
         "DoRA (Liu et al. 2024): a trainable magnitude per output feature times the normalised direction W + s B A",
     )
+    init: str = opt(
+        "default",
+        "default (A kaiming-uniform, B = 0) | pissa (Meng et al. 2024: B A = the r principal singular components of W "
+        "/ s, base W - s B A) | olora (Buyukakyuz 2024: B A = the first r columns / rows of W = QR, base W - s B A)",
+    )
 
     def check(self) -> None:
         check(self.r > 0, "method.r", f"must be an integer > 0, got {self.r!r}")
         check(self.alpha > 0, "method.alpha", f"must be a number > 0, got {self.alpha!r}")
         check(0 <= self.dropout < 1, "method.dropout", f"must be in [0, 1), got {self.dropout!r}")
         self.target_modules = check_module_names(self.target_modules, "method.target_modules")
+        check_choice(self.init, "method.init", LORA_INITS)
+        check(not (self.use_dora and self.init != "default"), "method.init",
+              f"{self.init} with use_dora is not supported; use one of the two")
 
     @property
     def scaling(self) -> float:

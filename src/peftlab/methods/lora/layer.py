@@ -23,6 +23,17 @@ The forward adds to the base output y0 = x W^T + b, as PEFT does (f = m / ||V||)
 Merging writes W[s:e] <- f * (W[s:e] + scaling * B A); unmerging divides by the f saved at merge time.
 Each GPT-2 q/k/v slice has its own magnitude over its own output columns (one output feature never mixes with
 another, so slices are exact; a slice DoRA equals a whole-c_attn DoRA whose untouched columns keep m = ||W||).
+
+PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948) and OLoRA (Buyukakyuz 2024,
+https://arxiv.org/abs/2406.01775) start the branch at the top of W instead of at zero, and move that part out of
+the frozen weight, so the output is still unchanged at step 0 (W rows: (e - s, d_in), as PEFT computes them):
+
+    pissa:  W = U S V^T,  A0 = sqrt(S_r / s) V_r^T  (r, d_in),  B0 = U_r sqrt(S_r / s)  (e - s, r)
+    olora:  W = Q R,      A0 = R[:r]  (r, d_in),                 B0 = Q[:, :r]  (e - s, r)
+    base:   W <- W - s B0 A0
+
+The factors are a function of the untouched W alone, so loading recomputes them from the base; (A0, B0) are kept
+so the adapter converts to a plain LoRA on the untouched base: W + s (B A - B0 A0) = [B, -B0] [A; A0] s.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ class LoraLinear(SlicedLinearWrapper):
         scaling: multiplier of the update (alpha / r or alpha / sqrt(r)).
         dropout: dropout probability on the branch input.
         use_dora: add a DoRA magnitude vector per branch (see the module docstring).
+        init: ``default``, ``pissa`` or ``olora`` (see the module docstring; the latter two rewrite the base rows).
     """
 
     def __init__(
@@ -63,6 +75,7 @@ class LoraLinear(SlicedLinearWrapper):
         scaling: float,
         dropout: float = 0.0,
         use_dora: bool = False,
+        init: str = "default",
     ) -> None:
         super().__init__(base_layer, slices, fan_in_fan_out)
         self.r = r
@@ -81,9 +94,42 @@ class LoraLinear(SlicedLinearWrapper):
         # DoRA magnitude per branch (PEFT's ``lora_magnitude_vector``); empty for plain LoRA.
         self.lora_magnitude_vector = nn.ParameterDict()
         self._merge_factors: dict[str, torch.Tensor] = {}  # DoRA's f at merge time, for an exact unmerge
+        self.init = init
+        self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA / OLoRA (A0, B0) per branch
+        if init != "default":
+            for key in self.slices:
+                self._principal_init(key, init)
         if use_dora:
             for key in self.slices:
                 self.lora_magnitude_vector[key] = nn.Parameter(self.weight_norm(key).to(dtype))
+
+    @torch.no_grad()
+    def _principal_init(self, key: str, init: str) -> None:
+        """PiSSA / OLoRA: A0, B0 from the branch's rows of W, and those rows <- W - s B0 A0 (module docstring)."""
+        rows = self.base_rows(key)  # (e - s, d_in), a view of the base weight
+        w = rows.to(torch.float32)
+        if self.r > min(w.shape):
+            raise ValueError(f"init={init} needs r <= min(d_out, d_in) = {min(w.shape)}, got r={self.r}")
+        if init == "pissa":
+            u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
+            root = (sigma[:self.r] / self.scaling).sqrt()
+            a, b = root[:, None] * vh[:self.r], u[:, :self.r] * root[None, :]
+        else:
+            q, upper = torch.linalg.qr(w)
+            a, b = upper[:self.r], q[:, :self.r]
+        self.lora_A[key].copy_(a)
+        self.lora_B[key].copy_(b)
+        self.initial[key] = (a.clone(), b.clone())
+        rows.copy_((w - self.scaling * b @ a).to(rows.dtype))
+
+    def plain_lora(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of a plain LoRA on the untouched base computing this branch's update: rank 2r [A; A0], [B, -B0]
+        after PiSSA / OLoRA (the detached weights), (A, B) themselves otherwise."""
+        if key not in self.initial:
+            return self.lora_A[key], self.lora_B[key]
+        a0, b0 = self.initial[key]
+        return (torch.cat([self.lora_A[key].detach(), a0.to(self.lora_A[key].dtype)]),
+                torch.cat([self.lora_B[key].detach(), -b0.to(self.lora_B[key].dtype)], dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # x: (..., d_in) -> (..., d_out)
@@ -179,4 +225,5 @@ class LoraLinear(SlicedLinearWrapper):
     def extra_repr(self) -> str:
         parts = ", ".join(f"{k}[{a}:{b}]" for k, (a, b) in self.slices.items())
         dora = ", dora=True" if self.use_dora else ""
-        return f"r={self.r}, scaling={self.scaling:g}, slices=({parts}){dora}, merged={self.merged}"
+        init = f", init={self.init}" if self.init != "default" else ""
+        return f"r={self.r}, scaling={self.scaling:g}, slices=({parts}){dora}{init}, merged={self.merged}"

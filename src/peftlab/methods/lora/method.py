@@ -51,6 +51,8 @@ class LoraMethod(LayerwiseMergeable):
                 "n_modules": len(self.layers)}
         if self.config.use_dora:  # only when on: plain LoRA results keep their earlier shape
             info["dora"] = True
+        if self.config.init != "default":
+            info["init"] = self.config.init
         return info
 
 
@@ -82,7 +84,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> LoraMethod:
         first = group[0]
         slices = {t.part: t.out_slice for t in group} if first.part else {WHOLE: (0, first.out_features)}
         layer = LoraLinear(first.module, slices, first.in_features, first.fan_in_fan_out, config.r,
-                           config.scaling, config.dropout, use_dora=config.use_dora)
+                           config.scaling, config.dropout, use_dora=config.use_dora, init=config.init)
         layer.train(model.training)  # a new nn.Dropout starts in training mode even inside an eval() model
         model.set_submodule(name, layer)
         layers[name] = layer

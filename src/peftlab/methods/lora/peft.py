@@ -39,9 +39,11 @@ from peftlab.interop.peft_format import (
     required,
 )
 
-# init_lora_weights values that only initialise A and B; the others (PiSSA, OLoRA, CorDA, LoftQ, MiCA, ...) change
-# the base weights or the forward, so the adapter is not a plain LoRA on the unchanged base.
+# init_lora_weights values that only initialise A and B; the others (CorDA, LoftQ, MiCA, ...) change the base weights
+# or the forward, so the adapter is not a plain LoRA on the unchanged base. PiSSA and OLoRA change the base by a
+# function of the base alone, which LoRA's own init option recomputes (MUTATING_INITS).
 PLAIN_LORA_INITS = (True, False, "gaussian", "eva", "orthogonal")
+MUTATING_INITS = {"pissa": "pissa", "olora": "olora"}
 
 
 def _out_features(layer: nn.Module) -> int:
@@ -49,17 +51,20 @@ def _out_features(layer: nn.Module) -> int:
 
 
 def _lora_tensors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(A', B', m') of one LoRA layer as PEFT holds them for the whole module (block form for slices)."""
+    """(A', B', m') of one LoRA layer as PEFT holds them for the whole module (block form for slices); a PiSSA /
+    OLoRA branch as the plain rank-2r LoRA on the untouched base (``LoraLinear.plain_lora``)."""
     whole = next(iter(layer.slices))
     if layer.whole:
-        return layer.lora_A[whole], layer.lora_B[whole], layer.lora_magnitude_vector[whole] if layer.use_dora else None
+        a, b = layer.plain_lora(whole)
+        return a, b, layer.lora_magnitude_vector[whole] if layer.use_dora else None
     keys = sorted(layer.slices, key=lambda k: layer.slices[k])
-    r = layer.r
-    a = torch.cat([layer.lora_A[k].detach() for k in keys])  # (n r, d_in)
+    pairs = [layer.plain_lora(k) for k in keys]
+    r = pairs[0][0].shape[0]
+    a = torch.cat([pa.detach() for pa, _ in pairs])  # (n r, d_in)
     b = a.new_zeros(_out_features(layer), len(keys) * r)  # (d_out, n r), zero outside the diagonal blocks
-    for i, key in enumerate(keys):
+    for i, (key, (_, pb)) in enumerate(zip(keys, pairs, strict=True)):
         start, stop = layer.slices[key]
-        b[start:stop, i * r:(i + 1) * r] = layer.lora_B[key].detach()
+        b[start:stop, i * r:(i + 1) * r] = pb.detach()
     magnitude = None
     if layer.use_dora:
         w = layer.base_layer.weight.detach()
@@ -113,18 +118,20 @@ def export_lora(method: Any, base: str | None) -> Exported:
 
 def _lora_options(config: dict[str, Any], where: Path) -> dict[str, Any]:
     init = config.get("init_lora_weights", True)
-    if init not in PLAIN_LORA_INITS:
+    if init not in PLAIN_LORA_INITS and init not in MUTATING_INITS:
         raise PeftFormatError(
             f"{where}: init_lora_weights={init!r} is not supported: that initialisation changes the base weights or "
             f"the forward pass; convert the adapter with PEFT's save_pretrained(..., "
-            f"path_initial_model_for_weight_conversion=...) first (supported: {PLAIN_LORA_INITS})")
+            f"path_initial_model_for_weight_conversion=...) first (supported: "
+            f"{(*PLAIN_LORA_INITS, *MUTATING_INITS)})")
     rank, scaling = _lora_rank_and_scaling(config, where)
     rslora = bool(config.get("use_rslora"))
     # alpha giving scaling s at rank R (PEFT's own lora_alpha when R = r, so a plain adapter keeps its numbers)
     alpha = config["lora_alpha"] if rank == config["r"] else scaling * (rank**0.5 if rslora else rank)
     return {"r": rank, "alpha": alpha, "dropout": config.get("lora_dropout") or 0.0,
             "target_modules": required(config, "target_modules", where), "rslora": rslora,
-            "use_dora": bool(config.get("use_dora"))}
+            "use_dora": bool(config.get("use_dora")),
+            **({"init": MUTATING_INITS[init]} if init in MUTATING_INITS else {})}
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
