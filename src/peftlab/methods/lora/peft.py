@@ -16,7 +16,9 @@ target_modules -> target_modules (same rule: a name or dotted suffix per item, a
 "all-linear"). GPT-2 c_attn LoRAs stay whole-module LoRAs. rank_pattern / alpha_pattern (per-module rank r_m and
 scaling s_m): peftlab has one rank R and one scaling s, so every module is padded to R = max r_m with zero rows of A
 and zero columns of B, and s_m / s is folded into B:  s [B_m s_m/s, 0] [A_m; 0] = s_m B_m A_m  (DoRA sees the same
-W + s_m B_m A_m, so it is exact too). A base-mutating ``init_lora_weights`` (PiSSA, OLoRA, ...) is refused.
+W + s_m B_m A_m, so it is exact too). ``init_lora_weights`` pissa / olora map to ``init`` (the residual base is
+recomputed from the untouched base on loading); the other base-mutating ones (CorDA, LoftQ, ...) are refused.
+A PiSSA / OLoRA LoRA exports as the plain rank-2r LoRA [B, -B0] [A; A0] on the untouched base.
 """
 
 from __future__ import annotations
