@@ -274,7 +274,7 @@ STATE = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch
 @pytest.mark.parametrize(("config", "match"), [
     ({**LORA, "layers_to_transform": [0]}, "layers_to_transform=\\[0\\] is not supported by peftlab's lora"),
     ({**LORA, "bias": "all"}, "bias='all' is not supported"),
-    ({**LORA, "init_lora_weights": "pissa"}, "init_lora_weights='pissa' is not supported"),
+    ({**LORA, "init_lora_weights": "corda"}, "init_lora_weights='corda' is not supported"),  # pissa/olora import
     ({**LORA, "task_type": "SEQ_CLS"}, "task_type='SEQ_CLS'"),
     ({**LORA, "peft_type": "LOHA"}, "peft_type='LOHA' cannot be imported; importable PEFT types: IA3, LORA"),
     ({**LORA, "rank_pattern": {"q_proj": 0}}, "rank_pattern must map module patterns to numbers > 0"),
