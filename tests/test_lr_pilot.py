@@ -105,7 +105,7 @@ def test_choice_rule():
 
 def test_pilot_grid_trains_at_the_chosen_rate_and_resumes(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     grid = {**PILOT_GRID, "methods": [{"name": "lora", "overrides": {"train.lr": 1e-3}}], "n_train": [8],
-            "seeds": [0]}
+            "seeds": [0], "lr_pilot": {**PILOT_GRID["lr_pilot"], "extend": 0}}  # extension: tested below
     path = _write(tmp_path, tiny_llama_dir, **grid)
     results = compare(path)
     root = tmp_path / "results" / "t"
@@ -136,7 +136,7 @@ def test_pilot_grid_trains_at_the_chosen_rate_and_resumes(tiny_llama_dir, tmp_pa
 
 def test_shards_need_finished_pilots_and_pilots_only_runs_them(tiny_llama_dir, tmp_path):
     path = _write(tmp_path, tiny_llama_dir, methods=["lora"], n_train=[8], seeds=[0],
-                  lr_pilot={"factors": [1, 10], "steps": 1, "validation": 2})
+                  lr_pilot={"factors": [1, 10], "steps": 1, "validation": 2, "extend": 0})
     with pytest.raises(ConfigError, match=r"--shard: the lr pilots of lora have not finished.*--pilots-only"):
         compare(path, shard="1/2")
     assert compare(path, pilots_only=True) == []
@@ -159,7 +159,8 @@ def test_a_diverged_pilot_is_recorded_and_loses(tiny_llama_dir, tmp_path, monkey
 
     monkeypatch.setattr(experiment, "train_run", explode_at_high_lr)
     path = _write(tmp_path, tiny_llama_dir, methods=[{"name": "lora", "overrides": {"train.lr": 1e-3}}],
-                  n_train=[8], seeds=[0], baselines=False, lr_pilot={"factors": [1, 100], "steps": 1, "validation": 2})
+                  n_train=[8], seeds=[0], baselines=False,
+                  lr_pilot={"factors": [1, 100], "steps": 1, "validation": 2, "extend": 0})
     [result] = compare(path)
     record = result["grid"]["lr_pilot"]
     assert record["chosen_factor"] == 1.0
@@ -178,3 +179,37 @@ def test_report_shows_the_chosen_rates_and_forgetting(tiny_llama_dir, tmp_path):
     text = markdown.read_text()
     assert "Learning rate per method (lr pilot)" in text and "| lora | default | 0.001 |" in text
     assert "forgetting ΔCE" in text
+
+
+def _fake_pilot_losses(monkeypatch, best_lr: float) -> list[float]:
+    """Pilots 'train' instantly, with a validation loss that is lowest at ``best_lr``; returns the rates tried."""
+    from peftlab.lab import experiment
+
+    tried: list[float] = []
+
+    def fake_train(cfg, command="", on_step=None):
+        tried.append(cfg.train.lr)
+        loss = 1.0 + (math.log10(cfg.train.lr) - math.log10(best_lr)) ** 2
+        return {"kind": "train", "run_info": {"config": cfg.to_dict()}, "metrics": {},
+                "train_info": {"val_curve": [{"step": 1, "loss": loss}]}}
+
+    monkeypatch.setattr(experiment, "train_run", fake_train)
+    return tried
+
+
+@pytest.mark.parametrize(("best", "extend", "chosen"), [(3e-2, 2, 2.7e-2), (3e-2, 1, 9e-3), (2e-3, 2, 3e-3),
+                                                        (1e-5, 2, 2.7e-5)])
+def test_a_best_rate_at_the_edge_gets_pilots_further_out(tmp_path, monkeypatch, best, extend, chosen):
+    tried = _fake_pilot_losses(monkeypatch, best)
+    path = _write(tmp_path, methods=[{"name": "lora", "overrides": {"train.lr": 1e-3}}], n_train=[8], seeds=[0],
+                  lr_pilot={"factors": [0.3, 1, 3], "steps": 1, "validation": 2, "extend": extend})
+    compare(path, pilots_only=True)
+    runs = plan(load_grid(path))
+    compare_mod.pilot_results(runs)
+    [train] = [r for r in runs if r.kind == "train"]
+    assert train.cfg.train.lr == pytest.approx(chosen)
+    assert len(tried) == 3 + len(train.grid["lr_pilot"]["candidates"]) - 3
+    # Nothing reruns, and a second invocation finds the extra pilots on disk (no new pilot past them).
+    again = _fake_pilot_losses(monkeypatch, best)
+    compare(path, pilots_only=True)
+    assert again == []

@@ -259,24 +259,30 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
         log: where progress lines go.
     """
     from peftlab.durable import atomic_write_json
-    from peftlab.lab.lr_pilot import resolve
+    from peftlab.lab.lr_pilot import extend_pilots, resolve, unresolved
     from peftlab.training.distributed import is_main
 
-    pilots_done = {r.stem: _read_json(r.result_path) for r in runs if r.kind == PILOT and r.result_path.exists()}
-    resolve(runs, pilots_done)
-    statuses = [run_status(r) for r in runs]
+    runs = list(runs)  # pilots past the edge of a learning-rate range are inserted as the grid goes
+    pilots_done = pilot_results(runs)
+    statuses = {r.stem: run_status(r) for r in runs}
     if not is_main():
-        for run, status in zip(runs, statuses, strict=True):
-            if run.kind == "train" and status in ("new", "resume"):
-                _execute(run, status, {}, command, on_step)
+        if unresolved(runs):
+            raise ConfigError("lr_pilot under a multi-process launch: run the pilots first in one process "
+                              "(peftlab compare GRID --pilots-only), then launch the grid")
+        for run in runs:
+            if run.kind == "train" and statuses[run.stem] in ("new", "resume"):
+                _execute(run, statuses[run.stem], {}, command, on_step)
         return []
-    counts = {s: statuses.count(s) for s in ("done", "finished", "resume", "new")}
+    counts = {s: list(statuses.values()).count(s) for s in ("done", "finished", "resume", "new")}
     log(f"[compare] {len(runs)} runs: {counts['done']} done earlier, {counts['resume']} to resume, "
         f"{counts['new'] + counts['finished']} to run -> {runs[0].result_path.parent}/")
-    left = sum(1 for r, s in zip(runs, statuses, strict=True) if s in ("new", "resume") and r.kind != LEAD_3)
+    left = sum(1 for r in runs if statuses[r.stem] in ("new", "resume") and r.kind != LEAD_3)
     seconds_per_run: list[float] = []
     done: dict[str, dict[str, Any]] = {}
-    for k, (run, status) in enumerate(zip(runs, statuses, strict=True), 1):
+    k = 0
+    while k < len(runs):
+        run, k = runs[k], k + 1
+        status = statuses[run.stem]
         tag = f"[{k}/{len(runs)}] {run.stem}"
         if status == "done":
             done[run.stem] = _read_json(run.result_path)
@@ -292,6 +298,11 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
         seconds = time.perf_counter() - t0
         if run.kind == PILOT:
             pilots_done[run.stem] = result
+            for extra in extend_pilots(runs, pilots_done, _read_json):
+                statuses[extra.stem] = run_status(extra)
+                left += 1
+                log(f"{tag}: the best rate of {run.pilot_group} is at the edge of those tried: one more pilot at "
+                    f"lr {extra.cfg.train.lr:.3g}")
             record = resolve(runs, pilots_done).get(run.pilot_group or "")
             if record is not None:  # this pilot was its group's last one (finished pilots are skipped above)
                 log(f"{tag}: lr pilot of {run.pilot_group}: lr {record['chosen_lr']:.3g} chosen "
@@ -306,6 +317,17 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
         if run.kind == "train" and run.grid["n_train"] is not None and used is not None and used < run.grid["n_train"]:
             log(f"{tag}: note: N={run.grid['n_train']} asked for, but the training split has only {used} examples")
     return [done[r.stem] for r in runs if r.kind != PILOT]
+
+
+def pilot_results(runs: list[PlannedRun]) -> dict[str, dict[str, Any]]:
+    """The results of the pilots that earlier invocations finished (with those past an edge inserted into ``runs``),
+    by stem; every train run whose pilots have all finished gets its learning rate (:mod:`peftlab.lab.lr_pilot`)."""
+    from peftlab.lab.lr_pilot import extend_pilots, resolve
+
+    finished = {r.stem: _read_json(r.result_path) for r in runs if r.kind == PILOT and r.result_path.exists()}
+    extend_pilots(runs, finished, _read_json)
+    resolve(runs, finished)
+    return finished
 
 
 def _loss(value: float | None) -> str:
@@ -346,9 +368,8 @@ def describe_plan(runs: list[PlannedRun]) -> str:
     """One line per run: its number, stem, what an invocation would do with it, and its method options."""
     action = {"done": "skip (done)", "finished": "record (finished)", "resume": "resume", "new": "run"}
     lines = []
-    from peftlab.lab.lr_pilot import resolve
-
-    resolve(runs, {r.stem: _read_json(r.result_path) for r in runs if r.kind == PILOT and r.result_path.exists()})
+    runs = list(runs)
+    pilot_results(runs)
     for k, run in enumerate(runs, 1):
         options = "" if run.kind != "train" else f"  {run.cfg.method.name} {json.dumps(run.cfg.method.options)}"
         if run.kind == PILOT:
@@ -364,7 +385,7 @@ def compare(grid_path: str | Path, overrides: list[str] | None = None, dry_run: 
             pilots_only: bool = False, estimate: bool = False) -> list[dict[str, Any]]:
     """Load, plan and run a grid (or shard ``k/n`` of it, :mod:`peftlab.lab.shard`; or only its learning-rate pilots);
     prints progress and a summary table. Returns the results (none on a dry run or for pilots only)."""
-    from peftlab.lab.lr_pilot import resolve, unresolved
+    from peftlab.lab.lr_pilot import unresolved
     from peftlab.lab.shard import parse_shard, select_shard
 
     spec = load_grid(grid_path, overrides)
@@ -378,7 +399,7 @@ def compare(grid_path: str | Path, overrides: list[str] | None = None, dry_run: 
     elif shard is not None:
         k, n = parse_shard(shard)
         # Shards train at rates their pilots chose: every pilot must have finished (one process, --pilots-only).
-        resolve(runs, {r.stem: _read_json(r.result_path) for r in runs if r.kind == PILOT and r.result_path.exists()})
+        pilot_results(runs)
         runs = [r for r in runs if r.kind != PILOT]
         pending = unresolved(runs)
         if pending and not dry_run:

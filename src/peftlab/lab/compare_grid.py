@@ -27,8 +27,10 @@ Learning rate per method (``lr_pilot``): each method entry (``per: method``, the
 each (method, variant) (``per: variant``) first trains short pilots, one per candidate learning rate (``factor`` x
 the lr the run would use: its ``train.lr``, or the method's default), for ``steps`` optimizer steps on the entry's
 largest training set with the grid's first seed, and scores each by the validation loss on ``validation``
-examples. Every run of the group then trains at the candidate with the lowest loss (ties: the factor nearest 1); a
-diverged pilot (non-finite loss) loses. Pilots write
+examples. When the best candidate is the largest (smallest) factor tried, one more pilot goes a step further out (the
+ratio between the two outermost factors), up to ``extend`` times (default 2), so that the choice is not just the edge
+of a range set too narrow. Every run of the group then trains at the candidate with the lowest loss (ties: the
+factor nearest 1); a diverged pilot (non-finite loss) loses. Pilots write
 ``<results>/<name>/pilots/<stem>.json``; each run's ``grid.lr_pilot`` record says what was tried and chosen.
 
 Precedence, lowest first: dataclass defaults, the shared sections, command-line overrides of the shared sections,
@@ -51,7 +53,7 @@ from peftlab.config import PRIMARY_FIELD, ConfigError, RunConfig, config_from_di
 
 SHARED_SECTIONS = ("model", "task", "data", "train", "eval")
 GRID_KEYS = ("name", "methods", "n_train", "seeds", "budget", "baselines", "lr_pilot", "results")
-PILOT_KEYS = ("factors", "steps", "validation", "per")
+PILOT_KEYS = ("factors", "steps", "validation", "per", "extend")
 PILOT_PER = ("method", "variant")
 ENTRY_KEYS = ("name", "options", "variants", "overrides", "n_train")
 # RunConfig keys a grid sets itself: a grid file or override naming them is an error with this hint.
@@ -81,6 +83,7 @@ class LrPilot:
     steps: int = 30
     validation: int | None = 100
     per: str = "method"  # one learning rate per method entry, or per (method entry, variant)
+    extend: int = 2  # extra pilots past the edge when the best rate is the largest or smallest tried
 
 
 @dataclass
@@ -174,10 +177,13 @@ def _lr_pilot(value: Any, where: str) -> LrPilot | None:
     per = value.get("per", "method")
     if per not in PILOT_PER:
         raise ConfigError(f"{where}.per: {per!r} is not one of {', '.join(map(repr, PILOT_PER))}")
+    extend = value.get("extend", 2)
+    if not isinstance(extend, int) or isinstance(extend, bool) or extend < 0:
+        raise ConfigError(f"{where}.extend: must be an integer >= 0 (extra pilots past the edge); got {extend!r}")
     return LrPilot(factors=[float(f) for f in factors],
                    steps=_positive_int(value.get("steps", 30), f"{where}.steps"),
                    validation=_positive_int(value.get("validation", 100), f"{where}.validation", allow_none=True),
-                   per=per)
+                   per=per, extend=extend)
 
 
 def _check_run_key(key: str, where: str) -> None:
@@ -385,7 +391,8 @@ def _pilot_runs(spec: GridSpec, group: str, train_cfg: RunConfig, pilot_out: Pat
         evaluation = dataclasses.replace(train_cfg.eval, splits=[], forgetting_data=None)
         cfg = dataclasses.replace(train_cfg, data=data, train=train, eval=evaluation, out=str(pilot_out / stem))
         cfg.validate()
-        runs.append(_planned(spec, PILOT, stem, cfg, {**record, "lr": lr, "factor": factor}, group))
+        runs.append(_planned(spec, PILOT, stem, cfg, {**record, "lr": lr, "factor": factor,
+                                                      "extend": spec.lr_pilot.extend}, group))
     return runs
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from peftlab.lab.compare_grid import PILOT, PlannedRun
@@ -43,6 +44,74 @@ def choose(candidates: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "default_val_loss": untuned["val_loss"] if untuned else None}
 
 
+def _groups(runs: Sequence[PlannedRun]) -> dict[str, list[PlannedRun]]:
+    groups: dict[str, list[PlannedRun]] = {}
+    for run in runs:
+        if run.kind == PILOT and run.pilot_group is not None:
+            groups.setdefault(run.pilot_group, []).append(run)
+    return groups
+
+
+def _candidates(members: Sequence[PlannedRun], finished: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"factor": p.grid["factor"], "lr": p.grid["lr"], "val_loss": pilot_loss(finished[p.stem])}
+            for p in members]
+
+
+def next_factor(members: Sequence[PlannedRun], finished: dict[str, dict[str, Any]]) -> float | None:
+    """The factor of the group's next pilot past the edge, or None (best inside the range, extensions used up, or
+    every pilot diverged). All of ``members`` must have finished."""
+    extend = members[0].grid.get("extend", 0)
+    if len(members) < 2 or sum(bool(p.grid.get("extension")) for p in members) >= extend:
+        return None
+    candidates = _candidates(members, finished)
+    if not any(math.isfinite(c["val_loss"]) for c in candidates):
+        return None
+    best = choose(candidates)["chosen_factor"]
+    factors = sorted(c["factor"] for c in candidates)
+    if best == factors[-1]:
+        return best * best / factors[-2]
+    if best == factors[0]:
+        return best * best / factors[1]
+    return None
+
+
+def _pilot_at(template: PlannedRun, factor: float) -> PlannedRun:
+    """A pilot like ``template`` at another factor of the same untuned rate."""
+    lr = factor * template.grid["lr"] / template.grid["factor"]
+    stem = f"{PILOT}--{template.pilot_group}--lr{lr:.3g}"
+    train = dataclasses.replace(template.cfg.train, lr=lr)
+    cfg = dataclasses.replace(template.cfg, train=train, out=str(Path(template.cfg.out).parent / stem))
+    return dataclasses.replace(template, stem=stem, cfg=cfg, result_path=template.result_path.parent / f"{stem}.json",
+                               run_dir=template.run_dir.parent / stem,
+                               grid={**template.grid, "stem": stem, "lr": lr, "factor": factor, "extension": True})
+
+
+def extend_pilots(runs: list[PlannedRun], finished: dict[str, dict[str, Any]],
+                  read: Callable[[Path], dict[str, Any]]) -> list[PlannedRun]:
+    """Insert the next pilot past the edge after each finished group whose best rate is at an edge of those tried.
+
+    A pilot so added whose result file exists (an earlier invocation ran it) is read into ``finished`` and may lead
+    to the next one; the first one without a result is left for the caller to run. Returns the pilots added.
+    """
+    added: list[PlannedRun] = []
+    while True:
+        grew = False
+        for members in _groups(runs).values():
+            if not all(p.stem in finished for p in members):
+                continue
+            factor = next_factor(members, finished)
+            if factor is None:
+                continue
+            pilot = _pilot_at(members[0], factor)
+            runs.insert(runs.index(members[-1]) + 1, pilot)
+            added.append(pilot)
+            if pilot.result_path.exists():
+                finished[pilot.stem] = read(pilot.result_path)
+                grew = True
+        if not grew:
+            return added
+
+
 def _json_loss(value: float) -> float | None:
     return value if math.isfinite(value) else None  # JSON has no inf: a diverged pilot is recorded as null
 
@@ -56,16 +125,11 @@ def resolve(runs: Sequence[PlannedRun], finished: dict[str, dict[str, Any]]) -> 
             ``grid["lr_pilot"]`` record).
         finished: pilot results by stem.
     """
-    pilots: dict[str, list[PlannedRun]] = {}
-    for run in runs:
-        if run.kind == PILOT and run.pilot_group is not None:
-            pilots.setdefault(run.pilot_group, []).append(run)
     done = {}
-    for group, members in pilots.items():
-        if not all(p.stem in finished for p in members):
-            continue
-        record = choose([{"factor": p.grid["factor"], "lr": p.grid["lr"],
-                          "val_loss": pilot_loss(finished[p.stem])} for p in members])
+    for group, members in _groups(runs).items():
+        if not all(p.stem in finished for p in members) or next_factor(members, finished) is not None:
+            continue  # pilots still to run, or one more past the edge (see extend_pilots)
+        record = choose(_candidates(members, finished))
         for key in ("chosen_val_loss", "default_val_loss"):
             record[key] = _json_loss(record[key]) if record[key] is not None else None
         for candidate in record["candidates"]:
