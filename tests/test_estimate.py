@@ -203,3 +203,24 @@ def test_bad_input_fails_clearly(tmp_path, tiny_llama_dir, monkeypatch, capsys):
     grid["data"]["path"] = str(tmp_path / "missing")
     with pytest.raises(est.EstimateError, match=r"run zero-shot--default--n0--seed0"):
         compare(_write(tmp_path, grid), estimate=True)
+
+
+def test_forgetting_passes_are_counted(tmp_path, tiny_llama_dir):
+    """Zero-shot scores the forgetting sample once; a training run twice (before and after)."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    forgetting = {"forgetting_data": str(_data(tmp_path)), "forgetting_field": "text", "forgetting_examples": 2,
+                  "forgetting_tokens": 3}
+    plain = plan(parse_grid(_grid(tmp_path, tiny_llama_dir), "grid.yaml"))
+    runs = plan(parse_grid(_grid(tmp_path, tiny_llama_dir, eval={"batch_size": 2, **forgetting}), "grid.yaml"))
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    texts = [TEST[i] for i in sorted(random.Random(0).sample(range(len(TEST)), 2))]
+    lengths = [min(3, len(tok(t, add_special_tokens=False).input_ids)) for t in texts]
+    lengths = [n for n in lengths if n >= 2]  # a one-token text has nothing to predict and is dropped
+    one_pass = len(lengths) * max(lengths)  # one batch, padded to the longest
+    for before, after, passes in zip(plain, runs, (1, 2), strict=True):
+        old, new = est.count_run(before, tok, est.SplitReader()), est.count_run(after, tok, est.SplitReader())
+        assert new.eval_positions - old.eval_positions == passes * one_pass
+        assert new.eval_rows - old.eval_rows == passes * len(lengths)

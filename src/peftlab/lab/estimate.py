@@ -52,6 +52,9 @@ _NOT_COUNTED = {"train": ("lr", "weight_decay", "schedule", "warmup_steps", "war
                 "eval": ("show_examples",)}
 
 
+COUNTS_VERSION = 2  # bump when what is counted changes (2: the forgetting passes): cached counts are then redone
+
+
 class EstimateError(ValueError):
     """A grid whose time cannot be estimated (the message names the run and the cause)."""
 
@@ -194,6 +197,8 @@ def count_run(run: Any, tokenizer: Any, load: SplitReader) -> Work:
             role = "test" if split in ("test", cfg.data.test_split) else "validation"
             limit = cfg.data.max_test if role == "test" else cfg.data.max_validation
             work.add(_eval_work(task, encoder, cfg, load(cfg, task, split, limit, None)))
+        if cfg.eval.forgetting_data is not None:  # before training (train runs) and after
+            work.add(load.forgetting(cfg, tokenizer), 1 if run.kind == ZERO_SHOT else 2)
     except (OSError, ValueError) as exc:
         raise EstimateError(f"estimate: run {run.stem}: {exc}") from exc
     work.data_seconds = time.perf_counter() - t0 - load.spent + load.charged
@@ -224,6 +229,29 @@ class SplitReader:
             self.spent += self.memo[key][1]
         self.charged += self.memo[key][1]
         return self.memo[key][0]
+
+    def forgetting(self, cfg: Any, tokenizer: Any) -> Work:
+        """One pass of the forgetting cross-entropy (:mod:`peftlab.evaluation.forgetting`): its length-sorted
+        batches of the sampled, cut texts."""
+        from peftlab.evaluation import forgetting as f
+
+        ev = cfg.eval
+        key = ("forgetting", ev.forgetting_data, ev.forgetting_split, ev.forgetting_field, ev.forgetting_examples,
+               ev.forgetting_tokens)
+        if key not in self.memo:
+            t0 = time.perf_counter()
+            texts = f.forgetting_texts(ev.forgetting_data, ev.forgetting_split, ev.forgetting_field,
+                                       ev.forgetting_examples)
+            lengths = sorted(len(ids) for ids in f.encode_texts(tokenizer, texts, ev.forgetting_tokens))
+            work = Work()
+            for i in range(0, len(lengths), f.BATCH_SIZE):
+                batch = lengths[i:i + f.BATCH_SIZE]
+                work.eval_positions += len(batch) * max(batch)
+                work.eval_rows += len(batch)
+            self.memo[key] = [work], time.perf_counter() - t0
+            self.spent += self.memo[key][1]
+        self.charged += self.memo[key][1]
+        return self.memo[key][0][0]
 
 
 # ----------------------------------------------------------------------------------------------- prediction
@@ -291,7 +319,7 @@ def _counts_key(cfg: Any, kind: str) -> str:
     for section, keys in _NOT_COUNTED.items():
         data[section] = {k: v for k, v in data[section].items() if k not in keys}
     data["kind"] = ZERO_SHOT if kind == ZERO_SHOT else LEAD_3 if kind == LEAD_3 else "train"
-    data["v"] = CACHE_VERSION
+    data["v"] = (CACHE_VERSION, COUNTS_VERSION)
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
