@@ -1,10 +1,16 @@
 """What every method that wraps a frozen ``nn.Linear`` / GPT-2 ``Conv1D`` column-slice by column-slice shares
-(LoRA and IA3): the wrapped layer, its output slices, weight/bias pass-through and the trainable dtype."""
+(LoRA, IA3, VeRA, ...): the wrapped layer, its output slices, weight/bias pass-through, the trainable dtype, the
+base rows of a slice, and :func:`wrap_targets`, which puts one wrapper on each targeted module."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from torch import nn
+
+from peftlab.models.arch import TargetModule, input_embeddings
 
 # Branch key of a branch that covers the whole layer; ``<module>.<param>.weight``-style keys are PEFT's layout too.
 WHOLE = "weight"
@@ -45,3 +51,43 @@ class SlicedLinearWrapper(nn.Module):
     def whole(self) -> bool:
         """True when one branch covers the whole layer."""
         return list(self.slices) == [WHOLE]
+
+    def base_rows(self, key: str) -> torch.Tensor:
+        """The base weight rows of one branch as (stop - start, d_in), whatever the storage layout (a view)."""
+        start, stop = self.slices[key]
+        w = self.base_layer.weight
+        return w[:, start:stop].T if self.fan_in_fan_out else w[start:stop, :]
+
+
+Wrapper = TypeVar("Wrapper", bound=SlicedLinearWrapper)
+
+
+def wrap_targets(model: nn.Module, targets: list[TargetModule],
+                 make: Callable[[str, TargetModule, dict[str, tuple[int, int]]], Wrapper],
+                 ) -> tuple[dict[str, Wrapper], list[str]]:
+    """Replace each targeted module of ``model`` by ``make(name, target, slices)`` (in place).
+
+    Targets of one module (GPT-2 q/k/v slices of ``c_attn``) share one wrapper whose ``slices`` maps each part to
+    its output columns; a whole-module target gets ``{WHOLE: (0, d_out)}``. The wrapper follows the model's
+    train/eval mode (a new ``nn.Dropout`` starts in training mode even inside an eval() model).
+
+    Returns:
+        Module path -> wrapper, and the paths whose base weight is also the input embedding (merging those would
+        change the inputs too).
+    """
+    groups: dict[str, list[TargetModule]] = {}
+    for t in targets:
+        groups.setdefault(t.name, []).append(t)
+    emb_weight = input_embeddings(model).weight
+    layers: dict[str, Wrapper] = {}
+    tied: list[str] = []
+    for name, group in groups.items():
+        first = group[0]
+        slices = {t.part: t.out_slice for t in group} if first.part else {WHOLE: (0, first.out_features)}
+        layer = make(name, first, slices)
+        layer.train(model.training)
+        model.set_submodule(name, layer)
+        layers[name] = layer
+        if first.module.weight is emb_weight:
+            tied.append(name)
+    return layers, tied

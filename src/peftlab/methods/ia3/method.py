@@ -16,7 +16,8 @@ from peftlab.config import ConfigError
 from peftlab.methods.base import LayerwiseMergeable, freeze_all
 from peftlab.methods.ia3.config import IA3Config
 from peftlab.methods.ia3.layer import WHOLE, IA3Linear
-from peftlab.models.arch import TargetModule, input_embeddings, resolve_targets
+from peftlab.methods.wrapped_linear import wrap_targets
+from peftlab.models.arch import TargetModule, resolve_targets
 
 # What feedforward_modules=null means: the FFN down projection, whose input is the FFN's intermediate activation.
 DEFAULT_FEEDFORWARD = ["down"]
@@ -103,18 +104,9 @@ def apply_ia3(model: nn.Module, config: IA3Config) -> IA3Method:
     targets = resolve_targets(model, config.target_modules, key="method.target_modules")
     feedforward = feedforward_names(partial(resolve_targets, model), config, targets)
     freeze_all(model)
-    groups: dict[str, list[TargetModule]] = {}
-    for t in targets:
-        groups.setdefault(t.name, []).append(t)
-    emb_weight = input_embeddings(model).weight
-    layers: dict[str, IA3Linear] = {}
-    tied: list[str] = []
-    for name, group in groups.items():
-        first = group[0]
-        slices = {t.part: t.out_slice for t in group} if first.part else {WHOLE: (0, first.out_features)}
-        layer = IA3Linear(first.module, slices, first.in_features, first.fan_in_fan_out, name in feedforward)
-        model.set_submodule(name, layer)
-        layers[name] = layer
-        if first.module.weight is emb_weight:
-            tied.append(name)
+
+    def make(name: str, target: TargetModule, slices: dict[str, tuple[int, int]]) -> IA3Linear:
+        return IA3Linear(target.module, slices, target.in_features, target.fan_in_fan_out, name in feedforward)
+
+    layers, tied = wrap_targets(model, targets, make)
     return IA3Method(model, config, layers, tied)

@@ -148,12 +148,6 @@ class LoraLinear(SlicedLinearWrapper):
                 out[..., start:stop] += delta.to(out.dtype)
         return out
 
-    def base_rows(self, key: str) -> torch.Tensor:
-        """The base weight rows of one branch as (stop - start, d_in), whatever the storage layout (a view)."""
-        start, stop = self.slices[key]
-        w = self.base_layer.weight
-        return w[:, start:stop].T if self.fan_in_fan_out else w[start:stop, :]
-
     @torch.no_grad()
     def weight_norm(self, key: str) -> torch.Tensor:
         """||W[s:e] + scaling * B A||_row: (stop - start,), detached (DoRA treats it as a constant)."""

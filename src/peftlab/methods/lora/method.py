@@ -13,7 +13,8 @@ from torch import nn
 from peftlab.methods.base import LayerwiseMergeable, freeze_all
 from peftlab.methods.lora.config import LoraConfig
 from peftlab.methods.lora.layer import WHOLE, LoraLinear
-from peftlab.models.arch import TargetModule, input_embeddings, resolve_targets
+from peftlab.methods.wrapped_linear import wrap_targets
+from peftlab.models.arch import TargetModule, resolve_targets
 
 
 class LoraMethod(LayerwiseMergeable):
@@ -74,20 +75,10 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> LoraMethod:
         raise ValueError("LoRA is already applied to this model; apply it to a fresh base model")
     freeze_all(model)
     targets = resolve_targets(model, config.target_modules, key="method.target_modules")
-    groups: dict[str, list[TargetModule]] = {}
-    for t in targets:
-        groups.setdefault(t.name, []).append(t)
-    emb_weight = input_embeddings(model).weight
-    layers: dict[str, LoraLinear] = {}
-    tied: list[str] = []
-    for name, group in groups.items():
-        first = group[0]
-        slices = {t.part: t.out_slice for t in group} if first.part else {WHOLE: (0, first.out_features)}
-        layer = LoraLinear(first.module, slices, first.in_features, first.fan_in_fan_out, config.r,
-                           config.scaling, config.dropout, use_dora=config.use_dora, init=config.init)
-        layer.train(model.training)  # a new nn.Dropout starts in training mode even inside an eval() model
-        model.set_submodule(name, layer)
-        layers[name] = layer
-        if first.module.weight is emb_weight:
-            tied.append(name)
+
+    def make(name: str, target: TargetModule, slices: dict[str, tuple[int, int]]) -> LoraLinear:
+        return LoraLinear(target.module, slices, target.in_features, target.fan_in_fan_out, config.r,
+                          config.scaling, config.dropout, use_dora=config.use_dora, init=config.init)
+
+    layers, tied = wrap_targets(model, targets, make)
     return LoraMethod(model, config, layers, tied)
