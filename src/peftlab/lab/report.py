@@ -379,6 +379,8 @@ def plot_blocks(task: str, groups: list[Group], split: str, metrics: list[str]) 
     figures.append(("n-sweep", plots.metric_vs_n(sweeps, primary), f"{primary} vs number of training examples."))
     for method in dict.fromkeys(g.method for g, _ in scored if g.n_train > 0):
         cells = {(g.variant, g.n_train): s.mean for g, s in scored if g.method == method and g.n_train > 0}
+        if len(cells) < 2:  # one cell is not a sweep
+            continue
         rows, cols = sorted({v for v, _ in cells}, key=_natural), sorted({n for _, n in cells})
         png = plots.heatmap(rows, [str(n) for n in cols], [[cells.get((r, c)) for c in cols] for r in rows],
                             f"{method}: {primary}", "variant", "N")
