@@ -3,7 +3,7 @@ sequences of length T in three settings per length,
 
     glibc    the C library's default malloc, a dynamic mmap threshold (peftlab's default)
     fixed    the mmap threshold fixed at 128 KiB (``train.release_freed_memory=true``, training/host_memory.py)
-    ckpt     glibc + gradient checkpointing (``train.gradient_checkpointing``, ``arch.checkpoint_blocks``)
+    ckpt     glibc + gradient checkpointing (``train.gradient_checkpointing``, ``checkpointing.checkpoint_blocks``)
 
 As in summarization (long source, short target), only the last ``--target`` positions of each sequence carry a label,
 so the output head's logits do not hide what the blocks' activations cost.

@@ -17,9 +17,10 @@ from torch import nn
 import peftlab.methods.adapters  # noqa: F401  registers the four adapter methods
 from peftlab.config import ConfigError
 from peftlab.evaluation.generate import greedy_generate
+from peftlab.interop.adapter_files import load_adapter
 from peftlab.methods import PeftMethod, get_method
 from peftlab.methods.adapters import AdaptedSublayer, AdapterMethod
-from peftlab.methods.io import load_adapter, save_adapter
+from peftlab.methods.io import save_adapter
 from peftlab.models import arch
 
 D, LAYERS = 32, 2

@@ -26,8 +26,9 @@ from peftlab.cli import main
 from peftlab.config import DataConfig, TaskConfig
 from peftlab.data import readers
 from peftlab.data.dataset import load_examples
+from peftlab.interop.adapter_files import load_adapter, read_adapter_config
 from peftlab.methods import get_method
-from peftlab.methods.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config, save_adapter
+from peftlab.methods.io import CONFIG_NAME, WEIGHTS_NAME, save_adapter
 from peftlab.models.arch import arch_fingerprint
 from peftlab.tasks import get_task
 

@@ -19,12 +19,13 @@ from transformers import AutoModelForCausalLM
 
 import peftlab.cli
 from peftlab.config import ModelConfig, load_config
+from peftlab.interop.adapter_files import load_adapter, read_adapter_config
 from peftlab.interop.commands import add_parsers
 from peftlab.interop.export_peft import peft_export, save_peft_adapter
 from peftlab.interop.merge import NotMergeableError, merge_adapter
 from peftlab.interop.peft_format import OutputExistsError, PeftFormatError
 from peftlab.methods import PeftMethod, get_method
-from peftlab.methods.io import AdapterMismatchError, load_adapter, read_adapter_config, save_adapter
+from peftlab.methods.io import AdapterMismatchError, save_adapter
 from peftlab.models.arch import arch_fingerprint
 from peftlab.models.loading import load_model_and_tokenizer
 

@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 
 import peftlab.methods.intrinsic_dim  # noqa: F401  registers the method
 from peftlab.config import ConfigError
+from peftlab.interop.adapter_files import load_adapter
 from peftlab.methods import get_method
 from peftlab.methods.intrinsic_dim import (
     DenseProjection,
@@ -21,7 +22,7 @@ from peftlab.methods.intrinsic_dim import (
     fast_walsh_hadamard,
 )
 from peftlab.methods.intrinsic_dim.projection import resolve_projection
-from peftlab.methods.io import load_adapter, save_adapter
+from peftlab.methods.io import save_adapter
 from peftlab.models.arch import arch_fingerprint
 from peftlab.training.loss import target_only_loss
 

@@ -23,8 +23,9 @@ from safetensors.torch import save_file
 
 from peftlab.analysis.adapters import read_saved_adapter
 from peftlab.config import ModelConfig, load_config
+from peftlab.interop.adapter_files import load_adapter, read_adapter_config
 from peftlab.methods import get_method, tensor_file
-from peftlab.methods.io import WEIGHTS_NAME, load_adapter, read_adapter_config, save_adapter
+from peftlab.methods.io import WEIGHTS_NAME, save_adapter
 from peftlab.methods.tensor_file import TensorFileError, load_adapter_tensors, read_header
 from peftlab.models import loading
 from peftlab.models.arch import arch_fingerprint

@@ -33,10 +33,11 @@ from peftlab.data.encode import PromptEncoder
 from peftlab.durable import atomic_write_json
 from peftlab.evaluation.forgetting import encode_texts, forgetting_texts, text_cross_entropy
 from peftlab.evaluation.generate import ModelPredictor
+from peftlab.interop.adapter_files import load_adapter, read_adapter_config
 from peftlab.lab import results
 from peftlab.methods import get_method
 from peftlab.methods.base import PeftMethod
-from peftlab.methods.io import load_adapter, read_adapter_config, save_adapter
+from peftlab.methods.io import save_adapter
 from peftlab.models.arch import arch_fingerprint, output_head, transformer_blocks
 from peftlab.models.loading import load_model_and_tokenizer
 from peftlab.tasks import Example, Task, get_task

@@ -141,12 +141,3 @@ def load_peftlab_adapter(model: nn.Module, folder: str | Path) -> tuple[PeftMeth
         raise TensorFileError(f"{path}: {exc}") from None
     return method, config
 
-
-def __getattr__(name: str) -> Any:
-    """``load_adapter`` / ``read_adapter_config`` of either format, for callers that still import them from here
-    (lab/experiment.py): they moved to :mod:`peftlab.interop.adapter_files`, above both formats."""
-    if name in ("load_adapter", "read_adapter_config"):
-        from peftlab.interop import adapter_files
-
-        return getattr(adapter_files, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -281,16 +281,3 @@ def sublayer_names(model: nn.Module, kind: str) -> list[str]:
         raise ValueError(f"unknown sub-layer {kind!r}; choose one of {', '.join(SUBLAYERS[fam])}")
     return [f"{prefix}.{SUBLAYERS[fam][kind]}" for prefix in _block_prefixes(model)]
 
-
-# Gradient checkpointing moved to peftlab.models.checkpointing; these names are forwarded for callers that still
-# import them from here (training/trainer.py).
-_MOVED_TO_CHECKPOINTING = ("REPLAY_SAFE_ATTR", "CheckpointedForward", "blocks_checkpointed", "checkpoint_blocks",
-                           "hf_gradient_checkpointing")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_CHECKPOINTING:
-        from peftlab.models import checkpointing
-
-        return getattr(checkpointing, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,7 +38,8 @@ from peftlab.data.batching import collate, length_bucketed_batches
 from peftlab.data.encode import EncodedExample
 from peftlab.durable import DiskWriteError, is_disk_error
 from peftlab.methods.base import PeftMethod
-from peftlab.models.arch import checkpoint_blocks, output_head, transformer_blocks
+from peftlab.models.arch import output_head, transformer_blocks
+from peftlab.models.checkpointing import checkpoint_blocks
 from peftlab.models.loading import frozen_matmul_weights_in_bf16
 from peftlab.training import distributed as D
 from peftlab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
