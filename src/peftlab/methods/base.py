@@ -120,6 +120,12 @@ class LayerwiseMergeable(PeftMethod):
     _tied: list[str]
     merge_label: str = "method"
 
+    def __init__(self, model: nn.Module, config: Any, layers: dict[str, nn.Module], tied: list[str]) -> None:
+        self.model = model
+        self.config = config
+        self.layers = layers
+        self._tied = tied
+
     @property
     def mergeable(self) -> bool:
         """False when a target shares its weight with the input embeddings (a tied LM head)."""

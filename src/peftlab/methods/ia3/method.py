@@ -28,11 +28,8 @@ class IA3Method(LayerwiseMergeable):
 
     merge_label = "IA3"
 
-    def __init__(self, model: nn.Module, config: IA3Config, layers: dict[str, IA3Linear], tied: list[str]) -> None:
-        self.model = model
-        self.config = config
-        self.layers = layers
-        self._tied = tied  # targets whose base weight is also the input embedding (merging would change inputs)
+    config: IA3Config
+    layers: dict[str, IA3Linear]
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """``<module>.ia3_l`` for a whole layer (PEFT's key and shape), ``<module>.ia3_l.<slice>`` for a slice."""

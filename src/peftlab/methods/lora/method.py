@@ -22,11 +22,8 @@ class LoraMethod(LayerwiseMergeable):
 
     merge_label = "LoRA"
 
-    def __init__(self, model: nn.Module, config: LoraConfig, layers: dict[str, LoraLinear], tied: list[str]) -> None:
-        self.model = model
-        self.config = config
-        self.layers = layers
-        self._tied = tied  # targets whose base weight is also the input embedding (merging would change inputs)
+    config: LoraConfig
+    layers: dict[str, LoraLinear]
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """``<module>.lora_A.<branch>`` and ``<module>.lora_B.<branch>``; branch ``weight`` = whole module.
