@@ -108,12 +108,14 @@ def check_weights(method: PeftMethod, state: dict[str, torch.Tensor], where: Pat
         AdapterMismatchError: the adapter does not fit (typically: made for another base model).
     """
     expected = {k: tuple(p.shape) for k, p in method.trainable_parameters().items()}
+    # Frozen tensors the method saves besides its trainable ones (VeRA's shared projections) may be in the file.
+    optional = {k: tuple(v.shape) for k, v in method.adapter_state_dict().items() if k not in expected}
+    known = {**optional, **expected}
     got = {k: tuple(v.shape) for k, v in state.items()}
     problems = []
     missing = sorted(set(expected) - set(got))
-    extra = sorted(set(got) - set(expected))
-    shapes = [f"{k}: file {got[k]} vs model {expected[k]}" for k in sorted(set(got) & set(expected))
-              if got[k] != expected[k]]
+    extra = sorted(set(got) - set(known))
+    shapes = [f"{k}: file {got[k]} vs model {known[k]}" for k in sorted(set(got) & set(known)) if got[k] != known[k]]
     if missing:
         problems.append(f"{len(missing)} weight(s) the model needs are not in {PEFT_WEIGHTS_NAME}, e.g. {missing[:3]}")
     if extra:
@@ -149,7 +151,7 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> tuple[PeftMethod,
         raise AdapterMismatchError(f"PEFT adapter {folder} (made for {made_for!r}) does not fit this base model: "
                                    f"{exc}") from exc
     # The header is checked against what the applied method can hold before any tensor is read.
-    state, _ = read_peft_weights(folder, byte_budget(method.trainable_parameters()))
+    state, _ = read_peft_weights(folder, byte_budget({**method.trainable_parameters(), **method.adapter_state_dict()}))
     state = spec.peft.convert_state(record["peft_config"], state, folder / PEFT_CONFIG_NAME)
     check_weights(method, state, folder, made_for)
     method.load_adapter_state_dict(state)

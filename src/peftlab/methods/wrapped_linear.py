@@ -10,7 +10,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from peftlab.models.arch import TargetModule, input_embeddings
+from peftlab.methods.base import freeze_all
+from peftlab.models.arch import TargetModule, input_embeddings, resolve_targets
 
 # Branch key of a branch that covers the whole layer; ``<module>.<param>.weight``-style keys are PEFT's layout too.
 WHOLE = "weight"
@@ -60,6 +61,21 @@ class SlicedLinearWrapper(nn.Module):
 
 
 Wrapper = TypeVar("Wrapper", bound=SlicedLinearWrapper)
+
+
+def freeze_and_resolve(model: nn.Module, target_modules: list[str] | str, wrapper: type, label: str,
+                       ) -> list[TargetModule]:
+    """Refuse a model that already holds ``wrapper`` layers, freeze every parameter, and resolve the targets.
+
+    Raises:
+        ValueError: the method (``label``) is already applied to ``model``.
+        ConfigError: ``target_modules`` matches nothing (the message names ``method.target_modules`` and the valid
+            names).
+    """
+    if any(isinstance(m, wrapper) for m in model.modules()):
+        raise ValueError(f"{label} is already applied to this model; apply it to a fresh base model")
+    freeze_all(model)
+    return resolve_targets(model, target_modules, key="method.target_modules")
 
 
 def wrap_targets(model: nn.Module, targets: list[TargetModule],
