@@ -26,12 +26,15 @@ class MethodCase:
             must redraw the same masks).
         families: the tiny model families it applies to (BitFit needs biases: GPT-2 only).
         lr: a learning rate at which a few steps move the weights visibly (the resume test).
+        peft_families: the families whose PEFT export PEFT loads (None: all of ``families``); on the others the
+            export must be refused (PEFT's LoHa, LoKr and OFT wrap nn.Linear only, not GPT-2's Conv1D).
     """
 
     method: str
     options: dict[str, Any] = field(default_factory=dict)
     families: tuple[str, ...] = FAMILIES
     lr: float = 1e-2
+    peft_families: tuple[str, ...] | None = None
 
 
 CASES: dict[str, MethodCase] = {
@@ -48,6 +51,7 @@ CASES: dict[str, MethodCase] = {
     "lora": MethodCase("lora", {"r": 4, "target_modules": "all-linear", "dropout": 0.1}),
     "lora-pissa": MethodCase("lora", {"r": 4, "alpha": 8, "target_modules": ["q", "v", "o"], "init": "pissa"}),
     "lora-olora": MethodCase("lora", {"r": 4, "alpha": 8, "target_modules": ["q", "v", "o"], "init": "olora"}),
+    "loha": MethodCase("loha", {"r": 4, "target_modules": ["q", "v", "o", "down"]}, peft_families=("llama",)),
     "prefix-tuning": MethodCase("prefix-tuning", {"n_tokens": 3, "hidden_size": 16}),
     "vera": MethodCase("vera", {"r": 8, "target_modules": ["q", "v", "o", "down"], "dropout": 0.1}),
     "prompt-tuning": MethodCase("prompt-tuning", {"n_tokens": 4, "init": "random"}, lr=3e-2),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from peftlab.interop.adapter_files import load_adapter, read_adapter_config
 from peftlab.interop.commands import add_parsers
 from peftlab.interop.export_peft import peft_export, save_peft_adapter
 from peftlab.interop.merge import NotMergeableError, merge_adapter
-from peftlab.interop.peft_format import OutputExistsError, PeftFormatError
+from peftlab.interop.peft_format import OutputExistsError, PeftFormatError, exportable_methods
 from peftlab.methods import PeftMethod, get_method
 from peftlab.methods.io import AdapterMismatchError, save_adapter
 from peftlab.models.arch import arch_fingerprint
@@ -246,7 +247,9 @@ def test_merge_refuses_a_method_without_a_merged_form_and_a_full_output(tiny_lla
 
 def test_export_refuses_methods_without_a_peft_equivalent(tiny_llama_dir, tmp_path, cli, capsys):
     _, method = ours("gpt2", "bitfit", {})
-    with pytest.raises(PeftFormatError, match="'bitfit'.*exportable methods: ia3, lora, prefix-tuning"):
+    listed = re.escape(", ".join(exportable_methods()))  # every registered method with a converter, by name
+    assert {"ia3", "lora", "prefix-tuning"} <= set(exportable_methods()) and "bitfit" not in exportable_methods()
+    with pytest.raises(PeftFormatError, match=f"'bitfit'.*exportable methods: {listed}"):
         peft_export(method, "bitfit")
     model, _ = load_model_and_tokenizer(ModelConfig(name=str(tiny_llama_dir)))
     fingerprint = arch_fingerprint(model)
@@ -277,7 +280,7 @@ STATE = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch
     ({**LORA, "bias": "all"}, "bias='all' is not supported"),
     ({**LORA, "init_lora_weights": "corda"}, "init_lora_weights='corda' is not supported"),  # pissa/olora import
     ({**LORA, "task_type": "SEQ_CLS"}, "task_type='SEQ_CLS'"),
-    ({**LORA, "peft_type": "LOHA"}, "peft_type='LOHA' cannot be imported; importable PEFT types: IA3, LORA"),
+    ({**LORA, "peft_type": "BOFT"}, "peft_type='BOFT' cannot be imported; importable PEFT types: IA3, "),
     ({**LORA, "rank_pattern": {"q_proj": 0}}, "rank_pattern must map module patterns to numbers > 0"),
     ({**LORA, "r": None}, "'r' is missing"),
 ])

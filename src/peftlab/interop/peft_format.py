@@ -115,6 +115,19 @@ def required(config: dict[str, Any], key: str, where: Path) -> Any:
     return config[key]
 
 
+def require_linear_layers(layers: dict[str, nn.Module], peft_type: str) -> None:
+    """Refuse an export to a PEFT type that wraps only ``nn.Linear`` (LoHa, LoKr, OFT in peft 0.21.2) when a layer
+    is a GPT-2 ``Conv1D`` (``fan_in_fan_out``) or a slice of one: PEFT would raise on loading it.
+
+    Raises:
+        PeftFormatError: naming the first such layer.
+    """
+    for name, layer in layers.items():
+        if getattr(layer, "fan_in_fan_out", False) or not getattr(layer, "whole", True):
+            raise PeftFormatError(f"{name}: PEFT's {peft_type} wraps torch.nn.Linear layers only, not GPT-2's Conv1D "
+                                  f"(peft 0.21.2 raises on it); this adapter cannot be exported to PEFT")
+
+
 def base_module_names(model: nn.Module, wrappers: dict[str, nn.Module]) -> list[str]:
     """Module paths of the base model: the model's, without what lives inside the method's wrapper layers."""
     names = []

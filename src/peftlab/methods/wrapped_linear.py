@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peftlab.methods.base import freeze_all
@@ -58,6 +59,56 @@ class SlicedLinearWrapper(nn.Module):
         start, stop = self.slices[key]
         w = self.base_layer.weight
         return w[:, start:stop].T if self.fan_in_fan_out else w[start:stop, :]
+
+
+
+class DenseDeltaWrapper(SlicedLinearWrapper):
+    """A wrapper whose update of each branch is a dense weight delta, :meth:`delta_rows` (stop - start, d_in) laid
+    out like the branch's rows of W (LoHa, LoKr, OFT; VeRA merges through it): the forward adds x delta^T to the
+    branch's output columns, merging adds delta to those rows of W.
+
+    The delta is saved at merge time and subtracted at unmerge, so unmerging is exact (to rounding) also for a delta
+    that depends on W itself (OFT's (R - I) W).
+    """
+
+    def delta_rows(self, key: str) -> torch.Tensor:
+        """The update of branch ``key``'s rows of W: (stop - start, d_in), differentiable."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)  # x: (..., d_in) -> (..., d_out)
+        if self.merged:
+            return out
+        for key, (start, stop) in self.slices.items():
+            delta = self.delta_rows(key)
+            update = F.linear(x.to(delta.dtype), delta)  # (..., stop - start)
+            if self.whole:
+                out = out + update.to(out.dtype)
+            else:
+                out[..., start:stop] += update.to(out.dtype)
+        return out
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add every branch's delta to its rows of W; forward then skips the branches."""
+        if self.merged:
+            return
+        self._merged_deltas = {key: self.delta_rows(key).detach().clone() for key in self.slices}
+        for key, delta in self._merged_deltas.items():
+            rows = self.base_rows(key)
+            rows += delta.to(rows.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the deltas added at merge time."""
+        if not self.merged:
+            return
+        for key, delta in self._merged_deltas.items():
+            rows = self.base_rows(key)
+            rows -= delta.to(rows.dtype)
+        self._merged_deltas = {}
+        self.merged = False
 
 
 Wrapper = TypeVar("Wrapper", bound=SlicedLinearWrapper)

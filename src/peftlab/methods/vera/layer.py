@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.methods.wrapped_linear import WHOLE, SlicedLinearWrapper
+from peftlab.methods.wrapped_linear import WHOLE, DenseDeltaWrapper
 
 __all__ = ["WHOLE", "VeraLinear", "shared_projections"]
 
@@ -40,7 +40,7 @@ def shared_projections(r: int, max_in: int, max_out: int, key: int) -> tuple[tor
     return a, _kaiming_uniform((max_out, r), generator)
 
 
-class VeraLinear(SlicedLinearWrapper):
+class VeraLinear(DenseDeltaWrapper):
     """Wraps (never subclasses) an ``nn.Linear`` or GPT-2 ``Conv1D`` and adds a VeRA branch (module docstring).
 
     Args:
@@ -71,6 +71,7 @@ class VeraLinear(SlicedLinearWrapper):
              for key, (start, stop) in self.slices.items()})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Two thin matmuls through the shared projections (the dense delta is formed only to merge)."""
         out = self.base_layer(x)  # x: (..., d_in) -> (..., d_out)
         if self.merged:
             return out
@@ -100,25 +101,6 @@ class VeraLinear(SlicedLinearWrapper):
         start, stop = self.slices[key]
         return ((self.vera_lambda_b[key][:, None] * self.vera_B[start:stop])
                 @ (self.vera_lambda_d[:, None] * self.vera_A[:, :self.in_features]))
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Add every branch's update to the base weight; forward then skips the branch."""
-        if not self.merged:
-            self._add(sign=1.0)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract the updates again (exact up to float rounding)."""
-        if self.merged:
-            self._add(sign=-1.0)
-            self.merged = False
-
-    def _add(self, sign: float) -> None:
-        for key in self.slices:
-            rows = self.base_rows(key)
-            rows += (sign * self.delta_rows(key)).to(rows.dtype)
 
     def extra_repr(self) -> str:
         parts = ", ".join(f"{k}[{a}:{b}]" for k, (a, b) in self.slices.items())
