@@ -125,6 +125,10 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(
         False, "recompute each block's activations in the backward pass: less memory for long sequences, "
         "~30% more compute")
+    recompute_elementwise: bool = opt(
+        False, "keep only the inputs of each block's elementwise parts (MLP activation and gate product, norms) and "
+        "recompute them in the backward pass: the same gradients, less activation memory, no matmul recomputed "
+        "(Llama family and GPT-2); see models/recompute.py and BENCHMARKS.md")
     release_freed_memory: bool = opt(
         False, "CPU training on glibc: fix the malloc mmap threshold at 128 KiB so freed activations return to the "
         "OS at once instead of fragmenting the heap; on SmolLM2 (LoRA, 4 x 512 tokens) 0.60x the training peak "

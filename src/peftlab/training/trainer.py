@@ -41,6 +41,7 @@ from peftlab.methods.base import PeftMethod
 from peftlab.models.arch import output_head, transformer_blocks
 from peftlab.models.checkpointing import checkpoint_blocks
 from peftlab.models.loading import frozen_matmul_weights_in_bf16
+from peftlab.models.recompute import recompute_elementwise
 from peftlab.training import distributed as D
 from peftlab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftlab.training.host_memory import release_freed_memory
@@ -135,6 +136,8 @@ class Trainer:
             raise ValueError("the method has no trainable parameters")
         if cfg.release_freed_memory and self.device.type == "cpu":
             release_freed_memory()
+        if cfg.recompute_elementwise:
+            recompute_elementwise(self.model)
         if cfg.gradient_checkpointing:  # before sharding: FSDP's hooks then stay outside the checkpointed forward
             checkpoint_blocks(self.model)
         # Identical starting weights on every rank, then shard what trains entirely; the optimizer must see the
