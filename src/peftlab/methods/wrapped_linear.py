@@ -4,8 +4,9 @@ base rows of a slice, and :func:`wrap_targets`, which puts one wrapper on each t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,14 @@ class SlicedLinearWrapper(nn.Module):
     def whole(self) -> bool:
         """True when one branch covers the whole layer."""
         return list(self.slices) == [WHOLE]
+
+    def new_parameter(self, shape: tuple[int, ...], zero: bool = False) -> nn.Parameter:
+        """A trainable tensor in the trainable dtype on the base weight's device: zeros, or kaiming-uniform with
+        a = sqrt(5) (nn.Linear's and PEFT's default init of adapter factors)."""
+        value = torch.zeros(shape, dtype=self.trainable_dtype, device=self.base_layer.weight.device)
+        if not zero:
+            nn.init.kaiming_uniform_(value, a=math.sqrt(5))
+        return nn.Parameter(value)
 
     def base_rows(self, key: str) -> torch.Tensor:
         """The base weight rows of one branch as (stop - start, d_in), whatever the storage layout (a view)."""
@@ -109,6 +118,14 @@ class DenseDeltaWrapper(SlicedLinearWrapper):
             rows -= delta.to(rows.dtype)
         self._merged_deltas = {}
         self.merged = False
+
+
+def describe_layers(layers: dict[str, SlicedLinearWrapper]) -> dict[str, Any]:
+    """The adapted layer kinds, e.g. ``{"targets": ["c_attn[q,v]", "c_proj"], "n_modules": 4}`` (slices in
+    brackets), for a method's ``describe()``."""
+    kinds = {name.rsplit(".", 1)[-1] + ("" if layer.whole else f"[{','.join(layer.slices)}]")
+             for name, layer in layers.items()}
+    return {"targets": sorted(kinds), "n_modules": len(layers)}
 
 
 Wrapper = TypeVar("Wrapper", bound=SlicedLinearWrapper)

@@ -12,8 +12,6 @@ thin factorisation) and added to the branch's rows: y[..., s:e] += x Delta W[s:e
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -40,17 +38,13 @@ class LohaLinear(DenseDeltaWrapper):
                  fan_in_fan_out: bool, r: int, scaling: float) -> None:
         super().__init__(base_layer, slices, fan_in_fan_out)
         self.r, self.scaling = r, scaling
-        dtype, device = self.trainable_dtype, base_layer.weight.device
-        for name in FACTORS:
-            setattr(self, name, nn.ParameterDict())
-        for key, (start, stop) in self.slices.items():
-            shapes = {"hada_w1_a": (stop - start, r), "hada_w1_b": (r, in_features),
-                      "hada_w2_a": (stop - start, r), "hada_w2_b": (r, in_features)}
-            for name, shape in shapes.items():
-                value = torch.zeros(shape, dtype=dtype, device=device)
-                if name != "hada_w2_b":  # PEFT's init: kaiming-uniform(a=sqrt(5)) but W2b = 0
-                    nn.init.kaiming_uniform_(value, a=math.sqrt(5))
-                getattr(self, name)[key] = nn.Parameter(value)
+        self.hada_w1_a, self.hada_w1_b = nn.ParameterDict(), nn.ParameterDict()
+        self.hada_w2_a, self.hada_w2_b = nn.ParameterDict(), nn.ParameterDict()
+        for key, (start, stop) in self.slices.items():  # PEFT's init and order: kaiming-uniform, but W2b = 0
+            self.hada_w1_a[key] = self.new_parameter((stop - start, r))
+            self.hada_w1_b[key] = self.new_parameter((r, in_features))
+            self.hada_w2_a[key] = self.new_parameter((stop - start, r))
+            self.hada_w2_b[key] = self.new_parameter((r, in_features), zero=True)
 
     def delta_rows(self, key: str) -> torch.Tensor:
         """(alpha / r) (W1a W1b) * (W2a W2b): (stop - start, d_in)."""

@@ -12,7 +12,7 @@ from torch import nn
 from peftlab.methods.base import LayerwiseMergeable
 from peftlab.methods.loha.config import LohaConfig
 from peftlab.methods.loha.layer import FACTORS, WHOLE, LohaLinear
-from peftlab.methods.wrapped_linear import freeze_and_resolve, wrap_targets
+from peftlab.methods.wrapped_linear import describe_layers, freeze_and_resolve, wrap_targets
 from peftlab.models.arch import TargetModule
 
 
@@ -33,10 +33,7 @@ class LohaMethod(LayerwiseMergeable):
         return params
 
     def describe(self) -> dict[str, Any]:
-        kinds = {name.rsplit(".", 1)[-1] + ("" if layer.whole else f"[{','.join(layer.slices)}]")
-                 for name, layer in self.layers.items()}
-        return {"r": self.config.r, "scaling": self.config.scaling, "targets": sorted(kinds),
-                "n_modules": len(self.layers)}
+        return {"r": self.config.r, "scaling": self.config.scaling, **describe_layers(self.layers)}
 
 
 def apply_loha(model: nn.Module, config: LohaConfig) -> LohaMethod:

@@ -14,7 +14,7 @@ from torch import nn
 from peftlab.methods.base import LayerwiseMergeable
 from peftlab.methods.vera.config import VeraConfig
 from peftlab.methods.vera.layer import WHOLE, VeraLinear, shared_projections
-from peftlab.methods.wrapped_linear import freeze_and_resolve, wrap_targets
+from peftlab.methods.wrapped_linear import describe_layers, freeze_and_resolve, wrap_targets
 from peftlab.models.arch import TargetModule
 
 # Keys of the shared projections in the saved adapter (save_projection); PEFT's are "base_model.vera_A" / "_B".
@@ -72,10 +72,7 @@ class VeraMethod(LayerwiseMergeable):
 
     def describe(self) -> dict[str, Any]:
         a, b = self.projections()
-        kinds = {name.rsplit(".", 1)[-1] + ("" if layer.whole else f"[{','.join(layer.slices)}]")
-                 for name, layer in self.layers.items()}
-        return {"r": self.config.r, "projection": [int(b.shape[0]), int(a.shape[1])], "targets": sorted(kinds),
-                "n_modules": len(self.layers)}
+        return {"r": self.config.r, "projection": [int(b.shape[0]), int(a.shape[1])], **describe_layers(self.layers)}
 
 
 def projection_dims(targets: list[Any]) -> tuple[int, int]:
