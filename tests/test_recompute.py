@@ -139,6 +139,22 @@ def test_fewer_activations_are_kept(family, d_ff, plain_ff, recomputed_ff, batch
     assert narrow[True] < narrow[False], narrow
 
 
+def test_outputs_nothing_keeps_are_freed_after_the_forward(batch):
+    """With LoRA on q, v only, the frozen down projection's input is kept by nothing: it must be gone once the
+    forward has returned (a recipe registry that outlived the block's forward once kept it alive)."""
+    import weakref
+
+    method = build("lora", "llama", {"r": 4, "target_modules": ["q", "v"]})
+    recompute_elementwise(method.model)
+    inputs = []
+    for block in method.model.model.layers:
+        block.mlp.down_proj.register_forward_hook(lambda _m, args, _out: inputs.append(weakref.ref(args[0])))
+    method.model.train()
+    loss, _ = target_only_loss(method.model, method.prepare_inputs(**batch))
+    assert len(inputs) == 2 and all(ref() is None for ref in inputs)
+    loss.backward()
+
+
 @pytest.mark.parametrize("family", sorted(MODEL_FACTORIES))
 def test_eval_forward_unchanged_and_removal(family, batch):
     method = build("lora", family)

@@ -192,6 +192,9 @@ class BlockRecipesForward(_InstalledForward):
                 return self.original(*args, **kwargs)
         finally:
             _RECIPES.pop()
+            # Every saved variable packed here holds ``recipes.unpack`` until its backward pass: without this the
+            # registry would keep each offered output alive too (down's input, the norm outputs), undoing the cut.
+            recipes.outputs.clear()
 
 
 def _gated_product(act: nn.Module, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
