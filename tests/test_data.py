@@ -496,3 +496,31 @@ def test_batches_cover_every_index_once_are_deterministic_and_bucketing_pads_les
         assert batches != length_bucketed_batches(lengths, 8, seed=2, epoch=0, bucketing=bucketing)
         padded[bucketing] = padding(lengths, batches)
     assert padded[True] * 5 < padded[False]
+
+
+def test_eval_sample_seed_samples_evaluation_splits_and_leaves_training_alone(tmp_path):
+    """data.eval_sample_seed: max_test/max_validation take a seeded random subset (in file order) instead of the
+    first rows, e.g. for a test file ordered by source (CNN/DM's test set puts CNN's stories first)."""
+    import gzip
+    import json
+
+    from peftlab.config import DataConfig, TaskConfig
+    from peftlab.data.dataset import load_examples
+    from peftlab.tasks import get_task
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    for split in ("train", "test"):
+        with gzip.open(folder / f"{split}.jsonl.gz", "wt") as fh:
+            for i in range(40):
+                fh.write(json.dumps({"id": f"{split}-{i}", "article": f"story {i} .", "summary": f"s {i}"}) + "\n")
+    task = get_task(TaskConfig(name="summarization"))
+    first = load_examples(DataConfig(path=str(folder)), task, "test", limit=5)[0]
+    assert [e.id for e in first] == [f"test-{i}" for i in range(5)]
+    cfg = DataConfig(path=str(folder), eval_sample_seed=3)
+    sampled = [e.id for e in load_examples(cfg, task, "test", limit=5)[0]]
+    assert sampled == [e.id for e in load_examples(cfg, task, "test", limit=5)[0]]  # the same every time
+    assert sampled != [e.id for e in first] and sorted(sampled, key=lambda s: int(s.split("-")[1])) == sampled
+    train = [e.id for e in load_examples(cfg, task, "train", limit=5, sample_seed=0)[0]]
+    assert train == [e.id for e in load_examples(DataConfig(path=str(folder)), task, "train", limit=5,
+                                                     sample_seed=0)[0]]

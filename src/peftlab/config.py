@@ -92,6 +92,8 @@ class DataConfig:
     max_test: int | None = opt(None, "evaluate on at most this many test examples (the first ones)")
     strict: bool = opt(False, "fail on an empty target instead of skipping and counting it")
     seed: int = opt(0, "seed of the training-subset sample")
+    eval_sample_seed: int | None = opt(None, "validation/test subsets (max_validation/max_test) are a random sample "
+                                             "with this seed (null: the first ones, in file order)")
 
     def validate(self, prefix: str = "data") -> None:
         for key in ("max_train", "max_validation", "max_test"):

@@ -30,8 +30,8 @@ def load_examples(data_cfg: DataConfig, task: Task, split: str, limit: int | Non
 
     Rows whose target is empty (the task returns None) are skipped and counted, or rejected with
     ``data.strict``. ``limit`` caps the number of examples: with ``sample_seed`` a seeded random subset of all
-    examples (kept in file order; for training), without it the first ``limit`` (validation and test: reading stops
-    there, so ``rows`` counts only the rows read).
+    examples (kept in file order; for training, and for the other splits when ``data.eval_sample_seed`` is set),
+    without it the first ``limit`` (reading stops there, so ``rows`` counts only the rows read).
 
     A ``data.path`` that is a single file may be read for any split except the training split
     (``data.train_split``): training needs separate train and validation data.
@@ -57,6 +57,8 @@ def load_examples(data_cfg: DataConfig, task: Task, split: str, limit: int | Non
                         f"{data_cfg.train_split} and {data_cfg.validation_split} split files. A single file can only "
                         "be evaluated on (peftlab eval; classification then needs task.labels, since it cannot read "
                         "its label set from a training split)")
+    if sample_seed is None and split != data_cfg.train_split:
+        sample_seed = data_cfg.eval_sample_seed  # None: the first ``limit`` examples of an evaluation split
     rows, source = open_split(data_cfg.path, split, data_cfg.hub_config)
     examples: list[Example] = []
     n_rows = skipped = 0
