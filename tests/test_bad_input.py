@@ -260,8 +260,9 @@ CASES = [
     Case("adapter-other-base-model", _other_base,
          r"adapter {tmp}/adapter was trained on 'tiny', which differs from this base model: .*model_type: adapter "
          r"'gpt2' vs model 'llama'"),
-    Case("peft-unsupported-type", _peft_folder({"peft_type": "LOHA", "r": 4}),
-         r"{tmp}/peft/adapter_config\.json: peft_type='LOHA' cannot be imported; importable PEFT types: IA3, LORA"),
+    Case("peft-unsupported-type", _peft_folder({"peft_type": "BOFT", "r": 4}),
+         r"{tmp}/peft/adapter_config\.json: peft_type='BOFT' cannot be imported; "
+         r"importable PEFT types: IA3, LOHA, LOKR, LORA"),
     Case("peft-unsupported-option", _peft_folder({**PEFT_LORA, "layers_to_transform": [0]}),
          r"{tmp}/peft/adapter_config\.json: PEFT option layers_to_transform=\[0\] is not supported"),
     Case("peft-pickle-only", _peft_folder(PEFT_LORA, weights=False, pickle_only=True),
