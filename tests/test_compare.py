@@ -223,6 +223,9 @@ def test_grid_runs_writes_files_and_skips_done_runs(tiny_llama_dir, tmp_path, mo
         compare(path, ["train.max_steps=4"])
     # ... while the zero-shot baseline does not depend on training settings and still counts as done.
     assert compare_mod.run_status(expand_grid(load_grid(path, ["train.max_steps=4"]))[0]) == "done"
+    # A run of a fixed number of steps never reads how many epochs (or minimum steps) a full run would take.
+    longer = expand_grid(load_grid(path, ["train.epochs=7", "train.min_steps=2"]))
+    assert [compare_mod.run_status(r) for r in longer] == ["done"] * 3
 
 
 def test_interrupted_run_resumes_and_finished_run_is_recorded(tiny_llama_dir, tmp_path, monkeypatch, capsys):

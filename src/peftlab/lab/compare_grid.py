@@ -531,5 +531,9 @@ def config_differences(recorded: dict[str, Any], planned: RunConfig, evaluation_
     keys = sorted(set(old) | set(new))
     if evaluation_only:
         keys = [k for k in keys if _matters_for_evaluation(k)]
+    if new.get("train.max_steps") is not None and old.get("train.max_steps") == new["train.max_steps"]:
+        # A run of a fixed number of steps (an lr pilot) never reads how many epochs or minimum steps a full run
+        # would take: the trainer's schedule is max_steps alone, so a grid may change those without redoing it.
+        ignore = (*ignore, "train.epochs", "train.min_steps")
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
             if k not in IGNORED_KEYS and k not in ignore and old.get(k) != new.get(k)]
