@@ -51,6 +51,7 @@ CASES: dict[str, MethodCase] = {
     "lora": MethodCase("lora", {"r": 4, "target_modules": "all-linear", "dropout": 0.1}),
     "lora-pissa": MethodCase("lora", {"r": 4, "alpha": 8, "target_modules": ["q", "v", "o"], "init": "pissa"}),
     "lora-olora": MethodCase("lora", {"r": 4, "alpha": 8, "target_modules": ["q", "v", "o"], "init": "olora"}),
+    "lora-plus": MethodCase("lora", {"r": 4, "target_modules": ["q", "v", "o"], "loraplus_lr_ratio": 16}),
     "loha": MethodCase("loha", {"r": 4, "target_modules": ["q", "v", "o", "down"]}, peft_families=("llama",)),
     "lokr": MethodCase("lokr", {"r": 2, "target_modules": ["q", "v", "o", "down"], "decompose_both": True},
                        peft_families=("llama",)),

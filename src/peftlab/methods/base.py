@@ -10,6 +10,7 @@ anything a method does to the inputs (soft prompts, prefixes) goes through :meth
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,8 +19,24 @@ from torch import nn
 from peftlab.models.arch import is_tied
 from peftlab.registry import MethodSpec, SizeKnob, all_methods, get_method, register
 
-__all__ = ["BaseModelHandle", "LayerwiseMergeable", "MethodSpec", "PeftMethod", "SizeKnob", "all_methods",
-           "freeze_all", "get_method", "register"]
+__all__ = ["BaseModelHandle", "LayerwiseMergeable", "MethodSpec", "ParamGroup", "PeftMethod", "SizeKnob",
+           "all_methods", "freeze_all", "get_method", "register"]
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Trainable parameters that share one learning-rate multiplier (an optimizer parameter group).
+
+    Attributes:
+        name: what the group holds (``"all"``, ``"lora_B"``, ...), for messages and tests.
+        params: name -> parameter, keys as in :meth:`PeftMethod.trainable_parameters`.
+        lr_scale: the group's learning rate is ``lr_scale * train.lr``; the schedule (warmup, decay) then scales
+            every group's own rate by the same factor.
+    """
+
+    name: str
+    params: dict[str, nn.Parameter]
+    lr_scale: float = 1.0
 
 
 class PeftMethod:
@@ -35,6 +52,15 @@ class PeftMethod:
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Name -> parameter for every weight this method trains (names are stable keys for saving)."""
         raise NotImplementedError
+
+    def param_groups(self) -> list[ParamGroup]:
+        """The trainable parameters split into groups with their own learning-rate multipliers.
+
+        The groups partition :meth:`trainable_parameters` (every parameter in exactly one group). The default is
+        one group at multiplier 1; a method whose paper trains some weights at another rate overrides it (LoRA+:
+        B at ``loraplus_lr_ratio`` times A's rate). The trainer builds one AdamW group per (group, decay / no decay).
+        """
+        return [ParamGroup("all", self.trainable_parameters())]
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """What is saved as the adapter: by default the trainable parameters, detached, on CPU, contiguous."""

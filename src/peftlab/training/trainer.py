@@ -146,10 +146,18 @@ class Trainer:
         self.sharded_blocks = (D.shard_trained_blocks(transformer_blocks(self.model), self.dist)
                                if self.dist.enabled else [])
         self.params = method.trainable_parameters()
-        decay = [p for p in self.params.values() if p.ndim >= 2]
-        no_decay = [p for p in self.params.values() if p.ndim < 2]  # biases, norms, IA3-style scale vectors
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        # Per method group (one for most; LoRA+: A at lr, B at ratio * lr) a decay and a no-decay AdamW group, each
+        # at its own base lr, which the LambdaLR schedule below scales by the same factor.
+        groups = method.param_groups()
+        if sorted(k for g in groups for k in g.params) != sorted(self.params):
+            raise ValueError("the method's param_groups() do not partition its trainable_parameters()")
+        adamw_groups = []
+        for g in groups:
+            decay = [p for p in g.params.values() if p.ndim >= 2]
+            no_decay = [p for p in g.params.values() if p.ndim < 2]  # biases, norms, IA3-style scale vectors
+            adamw_groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr": lr * g.lr_scale},
+                             {"params": no_decay, "weight_decay": 0.0, "lr": lr * g.lr_scale}]
+        self.optimizer = torch.optim.AdamW(adamw_groups, lr=lr)
         self.lengths = [len(e.input_ids) for e in train_data]
         # Position t predicts token t+1: the labelled positions of labels[1:] are the tokens the loss counts.
         self.target_counts = [sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in train_data]

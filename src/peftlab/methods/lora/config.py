@@ -31,6 +31,11 @@ class LoraConfig(MethodOptions):
         "default (A kaiming-uniform, B = 0) | pissa (Meng et al. 2024: B A = the r principal singular components of W "
         "/ s, base W - s B A) | olora (Buyukakyuz 2024: B A = the first r columns / rows of W = QR, base W - s B A)",
     )
+    loraplus_lr_ratio: float = opt(
+        1.0,
+        "LoRA+ (Hayou et al. 2024): B (and DoRA's magnitude) train at this multiple of train.lr, A at train.lr; "
+        "PEFT's loraplus_lr_ratio (the paper suggests 16; 1 = plain LoRA)",
+    )
 
     def check(self) -> None:
         check(self.r > 0, "method.r", f"must be an integer > 0, got {self.r!r}")
@@ -38,6 +43,8 @@ class LoraConfig(MethodOptions):
         check(0 <= self.dropout < 1, "method.dropout", f"must be in [0, 1), got {self.dropout!r}")
         self.target_modules = check_module_names(self.target_modules, "method.target_modules")
         check_choice(self.init, "method.init", LORA_INITS)
+        check(self.loraplus_lr_ratio > 0, "method.loraplus_lr_ratio",
+              f"must be a number > 0 (1 = plain LoRA, LoRA+ suggests 16), got {self.loraplus_lr_ratio!r}")
         check(not (self.use_dora and self.init != "default"), "method.init",
               f"{self.init} with use_dora is not supported; use one of the two")
 

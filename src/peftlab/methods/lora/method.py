@@ -2,6 +2,12 @@
 
 Trainable count = sum over targets of r * (d_in + d_out_slice); e.g. GPT-2 q/v slices: 2 * r * (d + d) per block.
 DoRA (``use_dora``) adds one magnitude per output feature: + d_out_slice per target.
+
+LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354; ``loraplus_lr_ratio``): in the update s B A (B = 0 at
+init) one learning rate for both factors makes feature learning inefficient as the width grows, because A and B
+want step sizes of different orders; LoRA+ trains B at eta_B = ratio * eta_A (the paper suggests ratio 16). As
+PEFT's ``create_loraplus_optimizer`` does, the group at ratio * lr holds every B and every 1-D LoRA weight (DoRA's
+magnitude), and A stays at lr; the schedule scales both rates alike.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from peftlab.methods.base import LayerwiseMergeable, freeze_all
+from peftlab.methods.base import LayerwiseMergeable, ParamGroup, freeze_all
 from peftlab.methods.lora.config import LoraConfig
 from peftlab.methods.lora.layer import WHOLE, LoraLinear
 from peftlab.methods.wrapped_linear import wrap_targets
@@ -41,6 +47,17 @@ class LoraMethod(LayerwiseMergeable):
                     params[f"{name}.lora_magnitude_vector{suffix}"] = layer.lora_magnitude_vector[key]
         return params
 
+    def param_groups(self) -> list[ParamGroup]:
+        """One group at lr; with LoRA+ (``loraplus_lr_ratio`` != 1) A at lr and B and DoRA's magnitude at
+        ratio * lr (see the module docstring)."""
+        ratio = self.config.loraplus_lr_ratio
+        if ratio == 1:  # one group, as every other method: the optimizer state keeps its layout
+            return super().param_groups()
+        params = self.trainable_parameters()
+        fast = {k: p for k, p in params.items() if ".lora_B." in k or p.ndim == 1}
+        return [ParamGroup("lora_A", {k: p for k, p in params.items() if k not in fast}),
+                ParamGroup("lora_B", fast, lr_scale=ratio)]
+
     def describe(self) -> dict[str, Any]:
         """Rank, scaling and the adapted layer kinds, e.g. ``["c_attn[q,v]"]`` (slices in brackets)."""
         kinds = {name.rsplit(".", 1)[-1] + ("" if layer.whole else f"[{','.join(layer.slices)}]")
@@ -51,6 +68,8 @@ class LoraMethod(LayerwiseMergeable):
             info["dora"] = True
         if self.config.init != "default":
             info["init"] = self.config.init
+        if self.config.loraplus_lr_ratio != 1:
+            info["loraplus_lr_ratio"] = self.config.loraplus_lr_ratio
         return info
 
 
