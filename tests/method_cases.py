@@ -55,6 +55,8 @@ CASES: dict[str, MethodCase] = {
     "loha": MethodCase("loha", {"r": 4, "target_modules": ["q", "v", "o", "down"]}, peft_families=("llama",)),
     "lokr": MethodCase("lokr", {"r": 2, "target_modules": ["q", "v", "o", "down"], "decompose_both": True},
                        peft_families=("llama",)),
+    "oft": MethodCase("oft", {"oft_block_size": 8, "target_modules": ["q", "v", "o", "down"], "module_dropout": 0.25},
+                      peft_families=("llama",)),
     "prefix-tuning": MethodCase("prefix-tuning", {"n_tokens": 3, "hidden_size": 16}),
     "vera": MethodCase("vera", {"r": 8, "target_modules": ["q", "v", "o", "down"], "dropout": 0.1}),
     "prompt-tuning": MethodCase("prompt-tuning", {"n_tokens": 4, "init": "random"}, lr=3e-2),
