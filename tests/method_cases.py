@@ -55,6 +55,7 @@ CASES: dict[str, MethodCase] = {
     "loha": MethodCase("loha", {"r": 4, "target_modules": ["q", "v", "o", "down"]}, peft_families=("llama",)),
     "lokr": MethodCase("lokr", {"r": 2, "target_modules": ["q", "v", "o", "down"], "decompose_both": True},
                        peft_families=("llama",)),
+    "mam": MethodCase("mam", {"n_tokens": 3, "hidden_size": 16, "bottleneck_size": 4, "dropout": 0.1}),
     "oft": MethodCase("oft", {"oft_block_size": 8, "target_modules": ["q", "v", "o", "down"], "module_dropout": 0.25},
                       peft_families=("llama",)),
     "prefix-tuning": MethodCase("prefix-tuning", {"n_tokens": 3, "hidden_size": 16}),
