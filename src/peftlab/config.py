@@ -137,8 +137,9 @@ class TrainConfig:
         "RSS for 1.48x the step time (page faults); see training/host_memory.py")
     cache_frozen_trunk: str | bool = opt(  # YAML 1.1 reads a bare on/off as a boolean: normalised below
         "auto", "auto | on | off: when only the output head trains (last-layer, untied head), compute each training "
-        "example's trunk hidden states once and reuse them in later epochs; auto = on when the trunk has no dropout "
-        "and the cache fits in 2 GiB on the training device")
+        "example's trunk hidden states once and reuse them in later epochs; when only the top blocks train "
+        "(last-blocks), the hidden states entering the first trained block; auto = on when the trunk has no "
+        "dropout and the cache fits in 2 GiB on the training device")
     seed: int = opt(0, "random seed")
     eval_every: int = opt(0, "validate every N optimizer steps (0: only at the end)")
     eval_examples: int = opt(32, "validation examples scored with the task metric at each validation")

@@ -277,6 +277,9 @@ def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[st
     head_weight = output_head(setup.method.model).weight
     head_trains = any(p is head_weight for p in setup.method.trainable_parameters().values())
     frozen_trunk = setup.method.frozen_trunk()
+    blocks = transformer_blocks(setup.method.model)
+    # The bottom blocks nothing trains in: a forward pass per token that ran them, no backward.
+    frozen_body = sum(p.numel() for block in blocks[:setup.method.frozen_blocks()] for p in block.parameters())
     setup.method.after_training()
     forgetting = _forgetting_record(info.pop("forgetting_before"), forgetting_ce(setup, adapted=True))
     adapter_dir = save_adapter(setup.method, cfg.method.name, out / "adapter", cfg.model.name, setup.fingerprint,
@@ -284,7 +287,7 @@ def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[st
     metrics, samples, speed, per_example = evaluate_splits(setup, cfg.eval.splits)
     head = head_weight.numel()
     # The body: every weight of the transformer blocks (what each trunk token multiplies), not embedding or head.
-    body = sum(p.numel() for block in transformer_blocks(setup.method.model) for p in block.parameters())
+    body = sum(p.numel() for block in blocks for p in block.parameters())
     train_info = {
         "method": {"name": cfg.method.name, **setup.method.describe()},
         **params,
@@ -301,7 +304,8 @@ def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[st
         "train_trunk_tokens": state.trunk_input_tokens,
         "train_flops_estimate": results.estimate_training_flops(
             body, head, params["trainable_params"], state.trunk_input_tokens,
-            state.target_tokens, frozen_trunk=frozen_trunk, head_trains=head_trains),
+            state.target_tokens, frozen_trunk=frozen_trunk, head_trains=head_trains, frozen_body_params=frozen_body,
+            input_tokens=state.input_tokens),
         "adapter_bytes": (adapter_dir / "adapter.safetensors").stat().st_size,
         "loss_curve": state.loss_curve,
         "val_curve": state.val_curve,

@@ -143,19 +143,25 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def estimate_training_flops(body_params: int, head_params: int, trainable_params: int, trunk_tokens: int,
-                            target_tokens: int, frozen_trunk: bool = False, head_trains: bool = False) -> int:
+                            target_tokens: int, frozen_trunk: bool = False, head_trains: bool = False,
+                            frozen_body_params: int = 0, input_tokens: int | None = None) -> int:
     """Estimated training FLOPs of what ran (Kaplan et al. 2020 counting, adapted to what peftlab computes).
 
-    Per token that runs the trunk (``trunk_tokens``: every input token, less those the frozen-trunk cache served
-    from memory) the decoder body (all matmul weights; the embedding lookup is free) costs 2N forward; unless the
-    trunk is frozen, the backward adds 2N for activation gradients and 2 x its trainable parameters for weight
-    gradients. The output head runs only on target positions (target-only loss): 2 x head forward, 2 x head for the
-    activation gradient when something below it trains, and 2 x head for its weight gradient when it trains.
-    Attention-score FLOPs are left out (small at the sequence lengths used here); a method that trains only the
-    last blocks is charged the backward of the whole body (an over-count, never an under-count).
+    The decoder body (all matmul weights of the blocks; the embedding lookup is free) has a frozen bottom part of
+    ``frozen_body_params`` (the blocks below the first trained one; all of it with ``frozen_trunk``) and the part
+    above. Per token that runs the frozen part (``trunk_tokens``: every input token, less those whose states the
+    frozen-trunk cache served from memory) it costs 2 x frozen forward and nothing backward. Per input token
+    (``input_tokens``, default ``trunk_tokens``) the part above costs 2 x its weights forward, 2 x its weights for
+    activation gradients and 2 x the trainable body weights for weight gradients. The output head runs only on
+    target positions (target-only loss): 2 x head forward, 2 x head for the activation gradient when something below
+    it trains, and 2 x head for its weight gradient when it trains. Attention-score FLOPs are left out (small at the
+    sequence lengths used here).
     """
     head_weight_trainable = head_params if head_trains else 0
     body_trainable = max(0, min(trainable_params - head_weight_trainable, body_params))
-    per_trunk_token = 2 * body_params + (0 if frozen_trunk else 2 * body_params + 2 * body_trainable)
+    frozen = body_params if frozen_trunk else min(frozen_body_params, body_params)
+    above = body_params - frozen
+    input_tokens = trunk_tokens if input_tokens is None else input_tokens
+    per_input_token = 4 * above + 2 * body_trainable
     per_target = 2 * head_params * (1 + (not frozen_trunk) + head_trains)
-    return int(trunk_tokens * per_trunk_token + target_tokens * per_target)
+    return int(trunk_tokens * 2 * frozen + input_tokens * per_input_token + target_tokens * per_target)

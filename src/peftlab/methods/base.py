@@ -116,6 +116,17 @@ class PeftMethod:
         """
         return False
 
+    def frozen_blocks(self) -> int:
+        """How many transformer blocks, counted from the bottom, compute the same output for an example whatever
+        training does: nothing in them or below them trains (embeddings included) and :meth:`prepare_inputs` leaves
+        the inputs as they are.
+
+        The trainer may then compute the hidden states entering the first trained block once per training example
+        and run only the blocks above in later epochs (``train.cache_frozen_trunk``); the FLOP count charges those
+        bottom blocks a forward pass only. The default, 0, is always safe; :meth:`frozen_trunk` takes precedence.
+        """
+        return 0
+
     def after_training(self) -> None:
         """Called once after training, before the adapter is saved (e.g. prefix tuning folds its MLP into P)."""
 

@@ -16,7 +16,8 @@ an out-of-memory batch names its shape and what to lower (``TrainingOutOfMemoryE
 disk names the path (:class:`~peftlab.durable.DiskWriteError`).
 
 When only the output head trains (``PeftMethod.frozen_trunk()``), each training example's trunk features are computed
-once and reused in later epochs (``train.cache_frozen_trunk``, :mod:`peftlab.training.trunk_cache`).
+once and reused in later epochs; when only the top blocks train (``PeftMethod.frozen_blocks()``), the hidden states
+entering the first trained block are (``train.cache_frozen_trunk``, :mod:`peftlab.training.trunk_cache`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from peftlab.training.host_memory import release_freed_memory
 from peftlab.training.loss import IGNORE_INDEX, chunked_cross_entropy, target_only_loss
 from peftlab.training.metrics_log import MetricsLog
 from peftlab.training.schedule import lr_lambda
-from peftlab.training.trunk_cache import TrunkCache, announce, estimated_bytes, use_trunk_cache
+from peftlab.training.trunk_cache import announce, trunk_cache_for
 
 
 @dataclass
@@ -60,7 +61,8 @@ class TrainState:
     batch_in_epoch: int = 0
     input_tokens: int = 0
     target_tokens: int = 0
-    # Tokens that went through the trunk: input_tokens, less what the frozen-trunk cache served (for the FLOP count).
+    # Tokens that went through the trunk's frozen part (all of it for a frozen trunk, the blocks below the first
+    # trained one for frozen lower blocks): input_tokens, less what the frozen-trunk cache served (for the FLOP count).
     trunk_input_tokens: int = 0
     train_seconds: float = 0.0
     best_val_loss: float | None = None
@@ -72,7 +74,7 @@ class TrainState:
     loss_curve: list[list[float]] = field(default_factory=list)
     val_curve: list[dict[str, Any]] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)
-    trunk_cache: bool = False  # train.cache_frozen_trunk was in effect (the trunk ran once per example)
+    trunk_cache: bool = False  # train.cache_frozen_trunk was in effect (the frozen part ran once per example)
     trunk_cache_bytes: int = 0  # bytes of cached trunk features at the end of fit(), summed over processes
     skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss/gradient (train.skip_nonfinite)
 
@@ -164,10 +166,10 @@ class Trainer:
         self.batches_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
         # Frozen-trunk caching: not checkpointed; after a resume the cache is rebuilt as examples come round again.
         all_targets = sum(self.target_counts)
-        self.trunk_cache = TrunkCache() if use_trunk_cache(method, cfg.cache_frozen_trunk, all_targets) else None
+        self.trunk_cache = trunk_cache_for(method, cfg.cache_frozen_trunk, sum(self.lengths), all_targets)
         self._trunk_seen: set[int] = set()  # examples whose trunk features the cache holds (global indices)
         if self.trunk_cache is not None and self.dist.is_main:
-            announce(all_targets, len(train_data), estimated_bytes(self.model, all_targets))
+            announce(self.trunk_cache, len(train_data))
         self.total_steps = cfg.max_steps or max(1, cfg.min_steps or 0,
                                                 math.ceil(cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
@@ -210,7 +212,7 @@ class Trainer:
 
     def _forward_loss(self, batch: dict[str, torch.Tensor], rows: list[int] | None = None) -> tuple[torch.Tensor, int]:
         """Summed target-token loss and target count; ``rows`` (training-example indices of the batch rows) lets the
-        frozen-trunk cache serve the trunk's features, so only the head and the cross-entropy run."""
+        frozen-trunk cache serve the frozen part's features, so only what trains above it runs."""
         inputs = self.method.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             if self.trunk_cache is not None and rows is not None:

@@ -38,6 +38,13 @@ class LastBlocksMethod(PeftMethod):
         chosen = {id(p) for module in self.trained for p in module.parameters()}
         return {name: p for name, p in self.model.named_parameters() if id(p) in chosen}
 
+    def frozen_blocks(self) -> int:
+        """The blocks below the trained ones, L - n_blocks; 0 when the head trains as the tied input embedding (the
+        inputs of every block then change)."""
+        if self.head == "tied":
+            return 0
+        return len(transformer_blocks(self.model)) - self.config.n_blocks
+
     def describe(self) -> dict[str, Any]:
         n_layers = len(transformer_blocks(self.model))
         return {"n_blocks": self.config.n_blocks, "first_block": n_layers - self.config.n_blocks,
