@@ -230,8 +230,10 @@ def compare_outputs(results: Path, ref: Path) -> str:
     files = sorted(p.name for p in (results / "g").glob("*.json"))
     if files != sorted(p.name for p in (ref / "g").glob("*.json")):
         return f"result files {files}"
+    from peftlab.lab.result_record import read_result
+
     for name in files:
-        if "grid" not in json.loads((results / "g" / name).read_text()):
+        if read_result(results / "g" / name).grid is None:
             return f"{name} has no grid record"
     for adapter in (ref / "g" / "runs").glob("*/adapter/adapter.safetensors"):
         mine = results / adapter.relative_to(ref)
@@ -369,10 +371,12 @@ def nonfinite(work: Path, ref: Path) -> Row:
     if proc.returncode:
         fails.append(f"skip: rc={proc.returncode} {proc.stderr[-300:]}")
     else:
-        info = json.loads((skip / "result.json").read_text())["train_info"]
+        from peftlab.lab.result_record import RESULT_NAME, read_result
+
+        skipped = read_result(skip / RESULT_NAME).train_info.skipped_nonfinite_steps
         events = [r for r in metric_records(skip) if r.get("event") == "skipped_nonfinite"]
-        if info.get("skipped_nonfinite_steps") != 1 or [r["step"] for r in events] != [3]:
-            fails.append(f"skip: skipped_nonfinite_steps={info.get('skipped_nonfinite_steps')}, events={events}")
+        if skipped != 1 or [r["step"] for r in events] != [3]:
+            fails.append(f"skip: skipped_nonfinite_steps={skipped}, events={events}")
     return Row("NaN loss at step 3 (patched in)", 2, 2 - len(fails),
                "stops with a one-line error naming step 3 and checkpoint step-0000002, which loads, and resume gives "
                "the reference adapter; with train.skip_nonfinite=true the run ends and counts 1 skipped step",

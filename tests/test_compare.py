@@ -17,6 +17,7 @@ from peftlab.lab import experiment
 from peftlab.lab.compare import add_parser, compare, plan, run_grid
 from peftlab.lab.compare_grid import expand_grid, load_grid, parse_grid, run_stem, variant_label
 from peftlab.lab.demo import DEMO_GRID
+from peftlab.lab.result_record import read_result
 from peftlab.training.trainer import Interrupt
 
 GRIDS = sorted((Path(__file__).resolve().parents[1] / "configs" / "compare").glob("*.yaml")) + [DEMO_GRID]
@@ -195,9 +196,9 @@ def test_grid_runs_writes_files_and_skips_done_runs(tiny_llama_dir, tmp_path, mo
     stems = ["zero-shot--default--n0--seed0", "lora--dropout=0--n8--seed0", "lora--dropout=0.1--n8--seed0"]
     assert sorted(p.stem for p in root.glob("*.json")) == sorted(stems)
     for stem, result in zip(stems, results, strict=True):
-        saved = json.loads((root / f"{stem}.json").read_text())
-        assert saved["grid"]["stem"] == stem and saved["metrics"] == result["metrics"]
-        assert "bleu" in saved["metrics"]["test"]
+        saved = read_result(root / f"{stem}.json")
+        assert saved.grid.stem == stem and saved.metrics == result.metrics
+        assert "bleu" in saved.scores_of("test")
     lora = json.loads((root / f"{stems[2]}.json").read_text())
     assert lora["grid"] == {"method": "lora", "variant": "dropout=0.1", "n_train": 8, "seed": 0, "budget": None,
                             "stem": stems[2]}
@@ -211,7 +212,7 @@ def test_grid_runs_writes_files_and_skips_done_runs(tiny_llama_dir, tmp_path, mo
     monkeypatch.setattr(experiment, "train_run", _fail)
     monkeypatch.setattr(experiment, "eval_run", _fail)
     again = compare(path)
-    assert [r["metrics"] for r in again] == [r["metrics"] for r in results]
+    assert [r.metrics for r in again] == [r.metrics for r in results]
     assert capsys.readouterr().out.count("done earlier, skipped") == 3
     # Spelling out a default option (r: 8) describes the same runs: still skipped.
     same = _write(tmp_path, _grid(tmp_path, tiny_llama_dir, methods=[
@@ -244,7 +245,7 @@ def test_interrupted_run_resumes_and_finished_run_is_recorded(tiny_llama_dir, tm
 
     result = run_grid(plan(parse_grid(grid, "grid.yaml")))[0]
     assert "resuming from its checkpoint" in capsys.readouterr().out
-    assert result["run_info"]["config"]["resume"] is True and result["train_info"]["steps"] == 3
+    assert result.run_info.config["resume"] is True and result.train_info.steps == 3
     assert json.loads(result_path.read_text())["grid"]["stem"] == "last-layer--default--n8--seed0"
 
     # A run that finished but whose grid file was lost (killed between the two writes) is recorded, not rerun.
@@ -252,7 +253,7 @@ def test_interrupted_run_resumes_and_finished_run_is_recorded(tiny_llama_dir, tm
     monkeypatch.setattr(experiment, "train_run", _fail)
     again = run_grid(plan(parse_grid(grid, "grid.yaml")))[0]
     assert "recording the finished run" in capsys.readouterr().out
-    assert again["metrics"] == result["metrics"] and result_path.exists()
+    assert again.metrics == result.metrics and result_path.exists()
 
 
 def test_summarization_baselines_zero_shot_and_lead3(tiny_llama_dir, tmp_path):
@@ -270,11 +271,11 @@ def test_summarization_baselines_zero_shot_and_lead3(tiny_llama_dir, tmp_path):
     assert sorted(p.name for p in root.glob("*.json")) == ["lead-3--default--n0--seed0.json",
                                                            "zero-shot--default--n0--seed0.json"]
     zero_shot, lead3 = results
-    assert lead3["train_info"]["method"]["name"] == "lead-3" and lead3["train_info"]["trainable_params"] == 0
-    expected = {k: v for k, v in zero_shot["metrics"]["test"]["baselines"]["lead-3"].items()}
-    assert {k: v for k, v in lead3["metrics"]["test"].items() if k != "n_examples"} == expected
-    assert lead3["metrics"]["test"]["n_examples"] == 4 and lead3["metrics"]["test"]["rouge1"] > 0
-    assert lead3["grid"]["method"] == "lead-3" and lead3["run_info"]["command"] != zero_shot["run_info"]["command"]
+    assert lead3.train_info.method_name == "lead-3" and lead3.train_info.trainable_params == 0
+    assert lead3.scores_of("test") == zero_shot.baselines_of("test")["lead-3"]
+    assert lead3.metrics["test"].n_examples == 4 and lead3.metric("test", "rouge1") > 0
+    assert lead3.grid.method == "lead-3" and lead3.run_info.command != zero_shot.run_info.command
+    assert lead3.run_info.derived_from == "zero-shot--default--n0--seed0"
 
 
 def test_helper_ranks_only_join_training_runs(tmp_path, monkeypatch):
@@ -283,7 +284,7 @@ def test_helper_ranks_only_join_training_runs(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(distributed, "is_main", lambda: False)
     monkeypatch.setattr(experiment, "eval_run", _fail)
-    monkeypatch.setattr(experiment, "train_run", lambda cfg, command, on_step: calls.append(cfg) or {})
+    monkeypatch.setattr(experiment, "train_run", lambda cfg, command, on_step: calls.append(cfg))
     runs = expand_grid(parse_grid(_grid(tmp_path, methods=["lora"], n_train=[8]), "grid.yaml"))
     assert run_grid(runs) == []
     assert [Path(c.out).name for c in calls] == ["lora--default--n8--seed0"] and calls[0].resume is False
@@ -296,7 +297,7 @@ def test_demo_runs_the_packaged_grid_and_writes_the_report(tiny_llama_dir, tmp_p
     overrides = [f"model={tiny_llama_dir}", f"results={tmp_path / 'res'}", "n_train=[8]", "train.max_steps=2",
                  "train.batch_size=4", "data.max_test=3", "data.max_validation=2", "eval.max_new_tokens=4"]
     runs, html = run_demo(overrides)
-    assert sorted(r["grid"]["method"] for r in runs) == ["last-layer", "lora", "prompt-tuning", "zero-shot"]
+    assert sorted(r.grid.method for r in runs) == ["last-layer", "lora", "prompt-tuning", "zero-shot"]
     assert html == tmp_path / "res" / "report.html" and html.stat().st_size > 10_000
     assert len(list((tmp_path / "res" / "demo").glob("lora--*--n8--seed0.json"))) == 1
     assert "report:" in capsys.readouterr().out

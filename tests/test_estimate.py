@@ -154,11 +154,11 @@ def test_a_grid_records_predictions_and_the_report_shows_predicted_vs_actual(tmp
     results = compare(_write(tmp_path, grid))  # the real calibration, on the tiny model
     assert "[estimate] predicted total" in capsys.readouterr().out
     predicted = json.loads((tmp_path / "results" / "g" / est.PREDICTED_NAME).read_text())
-    assert list(predicted) == [r["grid"]["stem"] for r in results]
+    assert list(predicted) == [r.grid.stem for r in results]
     assert all(p["predicted_seconds"] > 0 for p in predicted.values())
     lora = results[0]
     work = est.count_run(plan(parse_grid(grid, "g"))[0], _tok(tiny_llama_dir), est.SplitReader())
-    assert lora["train_info"]["train_input_tokens"] == work.train_tokens  # the trainer counted what we counted
+    assert lora.train_info.train_input_tokens == work.train_tokens  # the trainer counted what we counted
     assert time.perf_counter() - t0 < 60
     md = to_markdown(build_blocks(tmp_path / "results"), "files")
     section = md.split("Predicted vs actual time")[1]

@@ -27,23 +27,24 @@ def _cfg(model_dir, out, *extra):
 def test_train_writes_result_and_eval_reproduces_it(tiny_llama_dir, tmp_path, method):
     out = tmp_path / method
     result = train_run(_cfg(tiny_llama_dir, out, f"method={method}"))
-    info = result["train_info"]
+    saved = json.loads((out / "result.json").read_text())  # the file as written, key for key
+    info = saved["train_info"]
     for key in ("trainable_params", "total_params", "trainable_percent", "train_seconds", "epoch_seconds",
                 "train_tokens_per_s", "peak_memory_bytes", "train_flops_estimate", "adapter_bytes", "loss_curve",
                 "val_curve", "best_step", "early_stop_step", "eval"):
         assert key in info, key
-    assert 0 < info["trainable_params"] <= info["total_params"]
-    assert info["train_flops_estimate"] > 0 and info["adapter_bytes"] > 0
-    assert set(result["run_info"]) >= {"config", "versions", "machine", "seed", "git_commit"}
-    assert {"bleu", "rougeL", "n_examples"} <= set(result["metrics"]["test"])
+    assert 0 < result.train_info.trainable_params <= result.train_info.total_params
+    assert result.train_info.train_flops_estimate > 0 and result.train_info.adapter_bytes > 0
+    assert set(saved["run_info"]) >= {"config", "versions", "machine", "seed", "git_commit"}
+    assert {"bleu", "rougeL"} <= set(result.scores_of("test")) and result.metrics["test"].n_examples > 0
     assert (out / "adapter" / "adapter.safetensors").exists() and (out / "metrics.jsonl").exists()
-    assert json.loads((out / "result.json").read_text())["metrics"] == result["metrics"]
+    assert saved == json.loads(json.dumps(result.to_dict(), default=str)) and saved["schema_version"] == 1
 
     again = eval_run(load_config(None, [f"model={tiny_llama_dir}", "data=demo", f"adapter={out / 'adapter'}",
                                         f"out={tmp_path / 'eval'}", "data.max_test=4", "eval.max_new_tokens=6",
                                         "eval.show_examples=2"]))
-    assert again["metrics"]["test"] == result["metrics"]["test"]
-    assert [s["prediction"] for s in again["samples"]["test"]] == [s["prediction"] for s in result["samples"]["test"]]
+    assert again.metrics["test"] == result.metrics["test"]
+    assert [s.prediction for s in again.samples_of("test")] == [s.prediction for s in result.samples_of("test")]
 
 
 def test_adapter_on_a_different_base_names_the_mismatch(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
@@ -73,10 +74,10 @@ def test_zero_shot_eval_and_classification(tiny_llama_dir, tmp_path):
             f.writelines(json.dumps(r) + "\n" for r in rows)
     result = eval_run(load_config(None, [f"model={tiny_llama_dir}", "task=classification", f"data={data}",
                                          f"out={tmp_path / 'zs'}"]))
-    assert result["train_info"]["trainable_params"] == 0
-    test = result["metrics"]["test"]
-    assert 0 <= test["accuracy"] <= 100 and test["n_examples"] == 12
-    assert all(s["prediction"] in ("positive", "negative") for s in result["samples"]["test"])
+    assert result.train_info.trainable_params == 0
+    test = result.metrics["test"]
+    assert 0 <= test.scores["accuracy"] <= 100 and test.n_examples == 12
+    assert all(s.prediction in ("positive", "negative") for s in result.samples_of("test"))
 
 
 def test_cli_train_and_errors(tiny_llama_dir, tmp_path, capsys):

@@ -109,13 +109,14 @@ def test_a_run_records_before_after_and_delta(tiny_llama_dir, tmp_path):
               "eval.forgetting_field=references", "eval.forgetting_examples=4", "eval.forgetting_tokens=16",
               "data.max_train=8", "data.max_validation=4", "data.max_test=2", "train.max_steps=2",
               "train.batch_size=4", "eval.max_new_tokens=4"]
-    zero = eval_run(load_config(None, [*common, f"out={tmp_path / 'zs'}"]))["train_info"]["forgetting"]
-    assert zero["before_ce"] == zero["after_ce"] and zero["delta_ce"] == 0.0 and zero["texts"] == 4
+    zero = eval_run(load_config(None, [*common, f"out={tmp_path / 'zs'}"])).train_info.forgetting
+    assert zero.before_ce == zero.after_ce and zero.delta_ce == 0.0 and zero.texts == 4
     trained = train_run(load_config(None, [*common, "method=lora", "train.lr=0.05", f"out={tmp_path / 'lora'}"]))
-    record = trained["train_info"]["forgetting"]
-    assert record["before_ce"] == pytest.approx(zero["before_ce"], abs=1e-5)  # the same base, the same texts
-    assert record["delta_ce"] == pytest.approx(record["after_ce"] - record["before_ce"])
-    assert record["delta_ce"] != 0.0
+    record = trained.train_info.forgetting
+    assert record.before_ce == pytest.approx(zero.before_ce, abs=1e-5)  # the same base, the same texts
+    assert record.delta_ce == pytest.approx(record.after_ce - record.before_ce)
+    assert record.delta_ce != 0.0
     off = train_run(load_config(None, [*common[:4], *common[7:], "method=lora", f"out={tmp_path / 'off'}",
                                        "eval.forgetting_data=null"]))
-    assert off["train_info"]["forgetting"] is None
+    assert off.train_info.forgetting is None
+    assert json.loads((tmp_path / "off" / "result.json").read_text())["train_info"]["forgetting"] is None

@@ -204,9 +204,8 @@ def test_cli_export_import_and_eval_of_a_peft_folder(tiny_llama_dir, tmp_path, c
     common = [f"model={tiny_llama_dir}", "data=demo", "data.max_test=2", "eval.max_new_tokens=4"]
     from_peft = eval_run(load_config(None, [*common, f"adapter={tmp_path / 'peft'}", f"out={tmp_path / 'e1'}"]))
     from_ours = eval_run(load_config(None, [*common, f"adapter={ours_dir}", f"out={tmp_path / 'e2'}"]))
-    assert from_peft["train_info"]["method"]["name"] == "lora"
-    assert [s["prediction"] for s in from_peft["samples"]["test"]] == [
-        s["prediction"] for s in from_ours["samples"]["test"]]
+    assert from_peft.train_info.method_name == "lora"
+    assert [s.prediction for s in from_peft.samples_of("test")] == [s.prediction for s in from_ours.samples_of("test")]
 
 
 @pytest.mark.parametrize(("method", "options"), [

@@ -14,6 +14,7 @@ from peftlab.lab import compare as compare_mod
 from peftlab.lab.compare import compare, plan
 from peftlab.lab.compare_grid import PILOT, load_grid
 from peftlab.lab.lr_pilot import choose, pilot_loss
+from peftlab.lab.result_record import ResultRecord, RunInfo, TrainInfo, ValPoint, read_result
 
 FAST = {"data": {"path": "demo", "max_validation": 4, "max_test": 2},
         "train": {"max_steps": 2, "batch_size": 4, "log_every": 1, "eval_examples": 0},
@@ -72,7 +73,7 @@ def test_min_steps_lengthens_small_training_sets(tiny_llama_dir, tmp_path):
     result = train_run(load_config(None, [f"model={tiny_llama_dir}", "data=demo", "data.max_train=8",
                                           "train.batch_size=4", "train.min_steps=5", "data.max_validation=2",
                                           "eval.splits=[]", f"out={tmp_path / 'r'}"]))
-    assert result["train_info"]["steps"] == 5 and result["train_info"]["epochs_completed"] == 2.5
+    assert result.train_info.steps == 5 and result.train_info.epochs_completed == 2.5
 
 
 @pytest.mark.parametrize(("value", "fragment"), [
@@ -99,8 +100,9 @@ def test_choice_rule():
     assert tie["chosen_factor"] == 1.0  # ties go to the untuned rate
     diverged = choose([{**c, "val_loss": math.inf} for c in cands])
     assert diverged["chosen_factor"] == 1.0
-    assert pilot_loss({"diverged": "nan"}) == math.inf
-    assert pilot_loss({"train_info": {"val_curve": [{"loss": 2.0}, {"loss": float("nan")}, {"loss": 1.0}]}}) == 1.0
+    assert pilot_loss(ResultRecord(diverged="nan")) == math.inf
+    curve = [ValPoint(step=s, loss=v) for s, v in [(1, 2.0), (2, float("nan")), (3, 1.0)]]
+    assert pilot_loss(ResultRecord(train_info=TrainInfo(val_curve=curve))) == 1.0
 
 
 def test_pilot_grid_trains_at_the_chosen_rate_and_resumes(tiny_llama_dir, tmp_path, monkeypatch, capsys):
@@ -111,7 +113,7 @@ def test_pilot_grid_trains_at_the_chosen_rate_and_resumes(tiny_llama_dir, tmp_pa
     root = tmp_path / "results" / "t"
     pilots = sorted((root / "pilots").glob("*.json"))
     assert len(pilots) == 3 and len(results) == 2  # zero-shot + one run; pilots are not results
-    losses = {json.loads(p.read_text())["grid"]["lr"]: pilot_loss(json.loads(p.read_text())) for p in pilots}
+    losses = {read_result(p).grid.lr: pilot_loss(read_result(p)) for p in pilots}
     best_lr = min(losses, key=losses.get)
     run = json.loads((root / "lora--default--n8--seed0.json").read_text())
     record = run["grid"]["lr_pilot"]
@@ -124,7 +126,7 @@ def test_pilot_grid_trains_at_the_chosen_rate_and_resumes(tiny_llama_dir, tmp_pa
     # A second invocation skips pilots and runs, and knows the chosen rate without rerunning anything.
     monkeypatch.setattr(compare_mod, "_execute", lambda *a, **k: pytest.fail("nothing should run"))
     again = compare(path)
-    assert [r["grid"]["stem"] for r in again] == [r["grid"]["stem"] for r in results]
+    assert [r.grid.stem for r in again] == [r.grid.stem for r in results]
     dry = compare(path, dry_run=True)
     assert dry == [] and f"lr: {best_lr:.3g} (pilot)" in capsys.readouterr().out
 
@@ -143,7 +145,7 @@ def test_shards_need_finished_pilots_and_pilots_only_runs_them(tiny_llama_dir, t
     assert len(list((tmp_path / "results" / "t" / "pilots").glob("*.json"))) == 2
     assert not list((tmp_path / "results" / "t").glob("*.json"))  # no run trained yet
     done = compare(path, shard="1/2") + compare(path, shard="2/2")
-    assert sorted(r["grid"]["stem"] for r in done) == ["lora--default--n8--seed0", "zero-shot--default--n0--seed0"]
+    assert sorted(r.grid.stem for r in done) == ["lora--default--n8--seed0", "zero-shot--default--n0--seed0"]
 
 
 def test_a_diverged_pilot_is_recorded_and_loses(tiny_llama_dir, tmp_path, monkeypatch):
@@ -162,9 +164,11 @@ def test_a_diverged_pilot_is_recorded_and_loses(tiny_llama_dir, tmp_path, monkey
                   n_train=[8], seeds=[0], baselines=False,
                   lr_pilot={"factors": [1, 100], "steps": 1, "validation": 2, "extend": 0})
     [result] = compare(path)
-    record = result["grid"]["lr_pilot"]
-    assert record["chosen_factor"] == 1.0
-    assert [c["val_loss"] is None for c in record["candidates"]] == [False, True]
+    record = result.grid.lr_pilot
+    assert record.chosen_factor == 1.0
+    assert [c.val_loss is None for c in record.candidates] == [False, True]
+    diverged = read_result(tmp_path / "results" / "t" / "pilots" / "pilot--lora--lr0.1.json")
+    assert diverged.kind == "pilot" and "step 1" in diverged.diverged and diverged.train_info.val_curve == []
 
 
 def test_report_shows_the_chosen_rates_and_forgetting(tiny_llama_dir, tmp_path):
@@ -190,8 +194,8 @@ def _fake_pilot_losses(monkeypatch, best_lr: float) -> list[float]:
     def fake_train(cfg, command="", on_step=None):
         tried.append(cfg.train.lr)
         loss = 1.0 + (math.log10(cfg.train.lr) - math.log10(best_lr)) ** 2
-        return {"kind": "train", "run_info": {"config": cfg.to_dict()}, "metrics": {},
-                "train_info": {"val_curve": [{"step": 1, "loss": loss}]}}
+        return ResultRecord(kind="train", run_info=RunInfo(config=cfg.to_dict()),
+                            train_info=TrainInfo(val_curve=[ValPoint(step=1, loss=loss)]))
 
     monkeypatch.setattr(experiment, "train_run", fake_train)
     return tried

@@ -234,14 +234,13 @@ def test_compare_writes_per_example_records_and_lead3_keeps_them(tiny_llama_dir,
             "data": {"path": str(data), "max_validation": 2, "max_test": 3}, "eval": {"max_new_tokens": 4},
             "results": str(tmp_path / "results"), "name": "t"}
     zero_shot, lead3 = run_grid(plan(parse_grid(grid, "grid.yaml")))
-    records = zero_shot["per_example"]["test"]
-    assert records["ids"] == ["n0", "n1", "n2"] and set(records) == {"ids", "rouge1", "rouge2", "rougeL",
-                                                                     "rougeLsum", "baselines"}
-    assert lead3["per_example"]["test"] == {"ids": records["ids"], **records["baselines"]["lead-3"]}
+    records = zero_shot.records_of("test")
+    assert records.ids == ["n0", "n1", "n2"] and set(records.records) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert lead3.records_of("test").flat() == {"ids": records.ids, **records.baselines["lead-3"]}
     saved = json.loads((tmp_path / "results" / "t" / "lead-3--default--n0--seed0.json").read_text())
     cell = make_cell("lead-3", [saved["per_example"]["test"]])
     assert cell_interval(cell, "rouge1", resamples=50).value == pytest.approx(
-        lead3["metrics"]["test"]["rouge1"], abs=1e-4)
+        lead3.metric("test", "rouge1"), abs=1e-4)
 
 
 def test_demo_data_zero_shot_records_bleu_statistics_that_reproduce_its_bleu(tiny_llama_dir, tmp_path):
@@ -253,7 +252,7 @@ def test_demo_data_zero_shot_records_bleu_statistics_that_reproduce_its_bleu(tin
             "results": str(tmp_path / "results"), "name": "t"}
     (zero_shot,) = run_grid(plan(parse_grid(grid, "grid.yaml")))
     saved = json.loads((tmp_path / "results" / "t" / "zero-shot--default--n0--seed0.json").read_text())
-    assert saved["per_example"] == zero_shot["per_example"] and len(saved["per_example"]["test"]["ids"]) == 4
+    assert saved["per_example"] == zero_shot.to_dict()["per_example"] and len(saved["per_example"]["test"]["ids"]) == 4
     cell = make_cell("zero-shot", [saved["per_example"]["test"]])
     assert available_metrics(cell) == ["rougeL", "bleu"]
     summed = cell.seeds[0]["bleu_stats"].sum(axis=0).astype(int)
@@ -271,7 +270,7 @@ def test_train_and_classification_eval_write_per_example_records(tiny_llama_dir,
     trained = train_run(load_config(None, [f"model={tiny_llama_dir}", "task=table-to-text", "data=demo",
                                            f"out={tmp_path / 'lora'}", "method=lora", *fast]))
     records = json.loads((tmp_path / "lora" / "result.json").read_text())["per_example"]["test"]
-    assert records == trained["per_example"]["test"] and len(records["ids"]) == 3
+    assert records == trained.records_of("test").to_dict() and len(records["ids"]) == 3
     data = tmp_path / "reviews"
     data.mkdir()
     rows = [{"id": f"r{i}", "text": f"review {i}", "label": "positive" if i % 2 else "negative"} for i in range(6)]
@@ -280,10 +279,10 @@ def test_train_and_classification_eval_write_per_example_records(tiny_llama_dir,
             f.writelines(json.dumps(r) + "\n" for r in rows)
     result = eval_run(load_config(None, [f"model={tiny_llama_dir}", "task=classification", f"data={data}",
                                          f"out={tmp_path / 'zs'}"]))
-    cell = make_cell("zero-shot", [result["per_example"]["test"]])
+    cell = make_cell("zero-shot", [result.records_of("test")])
     assert cell.ids == [f"r{i}" for i in range(6)] and cell.n_labels == 2
     assert list(cell.seeds[0]["gold"]) == [0, 1, 0, 1, 0, 1]  # labels sorted: negative, positive
-    assert cell_interval(cell, "accuracy", resamples=50).value == pytest.approx(result["metrics"]["test"]["accuracy"])
+    assert cell_interval(cell, "accuracy", resamples=50).value == pytest.approx(result.metric("test", "accuracy"))
 
 
 def test_a_baseline_read_from_another_runs_metrics_is_compared_with_its_records(tmp_path):

@@ -175,9 +175,9 @@ def test_result_records_the_cache(tiny_llama_dir, tmp_path):
                              f"out={tmp_path / 'run'}", "data.max_train=8", "data.max_validation=2",
                              "data.max_test=2", "eval.max_new_tokens=2", "train.epochs=2", "train.batch_size=4",
                              "train.eval_examples=0", "eval.show_examples=0"])
-    info = train_run(cfg)["train_info"]
-    assert info["trunk_cache"] is True and info["trunk_cache_bytes"] > 0 and info["steps"] == 4
-    assert info["train_trunk_tokens"] * 2 == info["train_input_tokens"]  # 2 epochs, the trunk ran in the first
+    info = train_run(cfg).train_info
+    assert info.trunk_cache is True and info.trunk_cache_bytes > 0 and info.steps == 4
+    assert info.train_trunk_tokens * 2 == info.train_input_tokens  # 2 epochs, the trunk ran in the first
 
 
 # ---- last-blocks: the hidden states entering the first trained block ------------------------------------------
@@ -275,15 +275,15 @@ def test_result_charges_the_cached_blocks_once(tiny_llama_dir, tmp_path):
                              "method.n_blocks=1", f"out={tmp_path / 'run'}", "data.max_train=8",
                              "data.max_validation=2", "data.max_test=2", "eval.max_new_tokens=2", "train.epochs=2",
                              "train.batch_size=4", "train.eval_examples=0", "eval.show_examples=0"])
-    info = train_run(cfg)["train_info"]
-    assert info["trunk_cache"] is True and info["trunk_cache_bytes"] > 0 and info["steps"] == 4
-    assert info["train_trunk_tokens"] * 2 == info["train_input_tokens"]
+    info = train_run(cfg).train_info
+    assert info.trunk_cache is True and info.trunk_cache_bytes > 0 and info.steps == 4
+    assert info.train_trunk_tokens * 2 == info.train_input_tokens
     # Block 0 is frozen: a forward per token that ran it (the first epoch's). Block 1 and the final norm (32 weights)
     # train: forward, activation and weight gradients per input token. The frozen tied head: forward and activation
     # gradient per target token.
     model = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
     block, head = sum(p.numel() for p in model.model.layers[0].parameters()), model.lm_head.weight.numel()
-    assert info["trainable_params"] == block + 32
-    assert info["train_flops_estimate"] == (info["train_trunk_tokens"] * 2 * block
-                                            + info["train_input_tokens"] * (4 * block + 2 * (block + 32))
-                                            + info["train_target_tokens"] * 4 * head)
+    assert info.trainable_params == block + 32
+    assert info.train_flops_estimate == (info.train_trunk_tokens * 2 * block
+                                         + info.train_input_tokens * (4 * block + 2 * (block + 32))
+                                         + info.train_target_tokens * 4 * head)

@@ -60,7 +60,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
     cfg = _checked_config(ns.args)
     result = train_run(cfg, command=_command_line())
-    if not result:  # a helper rank of a multi-process launch: rank 0 reports
+    if result is None:  # a helper rank of a multi-process launch: rank 0 reports
         return 0
     print(format_table([result]))
     print(f"\nresult: {cfg.out}/result.json   adapter: {cfg.out}/adapter")
@@ -73,7 +73,7 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
 
     cfg = _checked_config(ns.args)
     result = eval_run(cfg, command=_command_line())
-    if not result:
+    if result is None:
         return 0
     print(format_table([result]))
     print(f"\nresult: {cfg.out}/result.json")

@@ -28,7 +28,8 @@ import yaml
 
 from peftlab.analysis.output import finite, plt, write_analysis
 from peftlab.config import ConfigError, RunConfig, TaskConfig, config_from_dict, load_config
-from peftlab.lab.experiment import RESULT_NAME, train_run
+from peftlab.lab.experiment import train_run
+from peftlab.lab.result_record import RESULT_NAME, ResultRecord, read_result
 from peftlab.methods import get_method
 from peftlab.tasks import get_task
 
@@ -147,12 +148,12 @@ def config_differences(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
     return [f"{k}: stored {have.get(k)!r} vs now {want.get(k)!r}" for k in keys if have.get(k) != want.get(k)]
 
 
-def run_or_reuse(cfg: RunConfig, label: str) -> dict[str, Any]:
+def run_or_reuse(cfg: RunConfig, label: str) -> ResultRecord:
     """``train_run(cfg)`` (continuing an interrupted run), or the finished result in ``cfg.out``; either must have
     been started with the same config."""
     path, started = Path(cfg.out) / RESULT_NAME, Path(cfg.out) / "config.json"
-    result = json.loads(path.read_text()) if path.exists() else None
-    stored = result["run_info"]["config"] if result else json.loads(started.read_text()) if started.exists() else None
+    result = read_result(path) if path.exists() else None
+    stored = result.run_info.config if result else json.loads(started.read_text()) if started.exists() else None
     if stored is not None:
         diffs = config_differences(stored, cfg)
         if diffs:
@@ -162,30 +163,32 @@ def run_or_reuse(cfg: RunConfig, label: str) -> dict[str, Any]:
         print(f"[intrinsic-dim] reusing {path}", file=sys.stderr)
         return result
     print(f"[intrinsic-dim] training {label} -> {cfg.out}", file=sys.stderr)
-    return train_run(cfg, command=f"peftlab analyze intrinsic-dim ({label})")
+    result = train_run(cfg, command=f"peftlab analyze intrinsic-dim ({label})")
+    assert result is not None  # a sweep runs in one process
+    return result
 
 
-def metric_of(result: dict[str, Any], where: str, metric: str | None = None, split: str | None = None
+def metric_of(result: ResultRecord, where: str, metric: str | None = None, split: str | None = None
               ) -> tuple[float, str, str]:
     """(value, metric name, split) of a result: by default the task's primary metric on the test split (or the
     first evaluated split). ``where`` names the file in errors."""
-    metrics = result.get("metrics", {})
+    metrics = result.metrics
     if not metrics:
         raise ValueError(f"{where}: the result has no evaluated splits")
     split = split or ("test" if "test" in metrics else next(iter(metrics)))
     if split not in metrics:
         raise ValueError(f"{where}: no metrics for split {split!r}; evaluated: {', '.join(metrics)}")
     if metric is None:
-        task = result["run_info"]["config"]["task"]["name"]
+        task = result.run_info.config_value("task", "name")
         metric = get_task(TaskConfig(name=task)).primary_metric
-    values = metrics[split]
+    values = result.scores_of(split)
     if not isinstance(values.get(metric), (int, float)):
-        names = [k for k, v in values.items() if isinstance(v, (int, float)) and k != "n_examples"]
+        names = [k for k, v in values.items() if isinstance(v, (int, float))]
         raise ValueError(f"{where}: no metric {metric!r} in split {split!r}; available: {', '.join(names)}")
     return float(values[metric]), metric, split
 
 
-def summarize_sweep(results: dict[int, tuple[dict[str, Any], str]], reference: float, reference_source: str,
+def summarize_sweep(results: dict[int, tuple[ResultRecord, str]], reference: float, reference_source: str,
                     metric: str | None = None, split: str | None = None) -> dict[str, Any]:
     """The sweep's JSON: one point per d (metric, lr, trainable params, result path), the reference and d90."""
     if not results:
@@ -194,9 +197,10 @@ def summarize_sweep(results: dict[int, tuple[dict[str, Any], str]], reference: f
     for d in sorted(results):
         result, where = results[d]
         value, metric, split = metric_of(result, where, metric, split)
-        info = result.get("train_info", {})
-        points.append({"d": d, "metric": value, "lr": info.get("lr"), "trainable_params": info.get("trainable_params"),
-                       "D": info.get("method", {}).get("D"), "steps": info.get("steps"), "result": where})
+        info = result.train_info
+        points.append({"d": d, "metric": value, "lr": info.lr, "trainable_params": info.trainable_params,
+                       "D": info.method.facts.get("D") if info.method else None, "steps": info.steps,
+                       "result": where})
     values = {p["d"]: p["metric"] for p in points}
     return {"metric": metric, "split": split, "fraction": FRACTION,
             "reference": {"metric": reference, "source": reference_source}, "threshold": FRACTION * reference,
@@ -231,7 +235,7 @@ def _given_reference(reference_metric: float | None, reference_result: str | Non
     if reference_metric is not None:
         return float(reference_metric), "given"
     if reference_result is not None:
-        value, _, _ = metric_of(json.loads(Path(reference_result).read_text()), reference_result, metric, split)
+        value, _, _ = metric_of(read_result(reference_result), reference_result, metric, split)
         return value, str(reference_result)
     return None
 
@@ -256,22 +260,23 @@ def run_sweep(yaml_path: str | None, overrides: list[str], dims: list[int], out:
     return write_analysis(out, stem, "intrinsic-dim", data, plot_sweep(data))
 
 
-def collect_results(sweep_dir: str | Path) -> dict[int, tuple[dict[str, Any], str]]:
+def collect_results(sweep_dir: str | Path) -> dict[int, tuple[ResultRecord, str]]:
     """d -> (result, path) for every finished ``<sweep_dir>/d<d>/result.json`` (d read from the run's config)."""
     folder = Path(sweep_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"--from {folder}: no such folder (expected the sweep folder holding d<d>/)")
-    found: dict[int, tuple[dict[str, Any], str]] = {}
+    found: dict[int, tuple[ResultRecord, str]] = {}
     for run in sorted(p for p in folder.iterdir() if _RUN_DIR.match(p.name)):
         path = run / RESULT_NAME
         if not path.exists():
             print(f"[intrinsic-dim] {run}: unfinished (no {RESULT_NAME}), left out", file=sys.stderr)
             continue
-        result = json.loads(path.read_text())
-        method = result["run_info"]["config"]["method"]
-        if method["name"] != METHOD:
-            raise ValueError(f"{path}: method {method['name']!r}, expected {METHOD!r}")
-        d = get_method(METHOD).build_config(method["options"]).d  # the d it was trained with, or the default
+        result = read_result(path)
+        name = result.run_info.config_value("method", "name")
+        if name != METHOD:
+            raise ValueError(f"{path}: method {name!r}, expected {METHOD!r}")
+        options = result.run_info.config_value("method", "options")
+        d = get_method(METHOD).build_config(options).d  # the d it was trained with, or the default
         if d in found:
             raise ValueError(f"{path} and {found[d][1]} are both runs with d={d}; keep one")
         found[d] = (result, str(path))
@@ -292,7 +297,7 @@ def run_from_results(sweep_dir: str | Path, out: str | Path, *, reference_metric
         if not path.exists():
             raise FileNotFoundError(f"{path}: no full fine-tuning result; pass --reference RESULT.json or "
                                     f"--reference-metric VALUE")
-        reference = (metric_of(json.loads(path.read_text()), str(path), metric, split)[0], str(path))
+        reference = (metric_of(read_result(path), str(path), metric, split)[0], str(path))
     data = summarize_sweep(results, *reference, metric, split)
     data["sweep_dir"] = str(sweep_dir)
     return write_analysis(out, stem, "intrinsic-dim", data, plot_sweep(data))

@@ -1,7 +1,7 @@
 """`peftlab compare GRID.yaml [key=value ...]`: run a grid of methods x variants x seeds x training-set sizes.
 
-Each run writes ``<results>/<name>/<method>--<variant>--n<N>--seed<k>.json`` (the run's result, see
-:mod:`peftlab.lab.results`, plus a ``grid`` record) once it has finished; its run folder (checkpoints, adapter,
+Each run writes ``<results>/<name>/<method>--<variant>--n<N>--seed<k>.json`` (the run's result record, see
+:mod:`peftlab.lab.result_record`, with its ``grid`` cell) once it has finished; its run folder (checkpoints, adapter,
 metrics.jsonl) is ``<results>/<name>/runs/<stem>/``. The grid is safe to interrupt and to run again:
 
 * a run whose result file exists is skipped (after checking it was made with the same settings);
@@ -22,6 +22,7 @@ Baselines come first: the base model zero-shot, and lead-3 for summarization (ta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import statistics
@@ -41,6 +42,17 @@ from peftlab.lab.compare_grid import (
     config_differences,
     expand_grid,
     load_grid,
+)
+from peftlab.lab.result_record import (
+    RESULT_NAME,
+    GridCell,
+    MethodFacts,
+    ResultError,
+    ResultRecord,
+    RunInfo,
+    SplitMetrics,
+    TrainInfo,
+    read_result,
 )
 
 GRID_HELP = """A grid file holds the shared RunConfig sections (model, task, data, train, eval, as in configs/*.yaml)
@@ -128,11 +140,20 @@ def check_models(runs: list[PlannedRun]) -> None:
         resolve_model(name)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_result(path: Path) -> ResultRecord:
+    """The result record at ``path``; one that cannot be read stops the grid with a hint."""
+    try:
+        return read_result(path)
+    except ResultError as exc:
+        raise ConfigError(f"{exc}; delete it to run this again") from exc
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """A run folder's ``config.json`` (what an interrupted run was started with)."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: unreadable result ({exc}); delete it to run this again") from exc
+        raise ConfigError(f"{path}: unreadable config ({exc}); delete the run folder to run this again") from exc
 
 
 def _check_same(run: PlannedRun, path: Path, recorded: dict[str, Any] | None) -> None:
@@ -151,20 +172,19 @@ def _check_same(run: PlannedRun, path: Path, recorded: dict[str, Any] | None) ->
 
 def run_status(run: PlannedRun) -> Status:
     """What an invocation does with ``run``, from the files already there (raises on a settings mismatch)."""
-    from peftlab.lab.experiment import RESULT_NAME
     from peftlab.training.checkpoint import latest_checkpoint
 
     if run.result_path.exists():
-        _check_same(run, run.result_path, _read_json(run.result_path).get("run_info", {}).get("config"))
+        _check_same(run, run.result_path, _read_result(run.result_path).run_info.config)
         return "done"
     if run.kind == LEAD_3:
         return "new"
     if (run.run_dir / RESULT_NAME).exists():
         path = run.run_dir / RESULT_NAME
-        _check_same(run, path, _read_json(path).get("run_info", {}).get("config"))
+        _check_same(run, path, _read_result(path).run_info.config)
         return "finished"
     if latest_checkpoint(run.run_dir) is not None:
-        _check_same(run, run.run_dir / "config.json", _read_json(run.run_dir / "config.json"))
+        _check_same(run, run.run_dir / "config.json", _read_config(run.run_dir / "config.json"))
         return "resume"
     return "new"
 
@@ -172,29 +192,27 @@ def run_status(run: PlannedRun) -> Status:
 # ---------------------------------------------------------------------------------------------------- running
 
 
-def lead3_result(zero_shot: dict[str, Any], command: str = "") -> dict[str, Any]:
+def lead3_result(zero_shot: ResultRecord, command: str = "") -> ResultRecord:
     """The lead-3 baseline as its own result, from the zero-shot run that scored it on the same examples.
 
     Its ``run_info`` is the zero-shot run's (config, machine, versions), with its own command and a
     ``derived_from`` note, so that readers that de-duplicate copies of one run keep both. Its per-example
     records are the zero-shot run's lead-3 records, with the same example ids.
     """
-    from peftlab.lab.results import SCHEMA_VERSION
-
-    metrics = {split: {**values["baselines"][LEAD_3], "n_examples": values.get("n_examples")}
-               for split, values in zero_shot.get("metrics", {}).items() if LEAD_3 in values.get("baselines", {})}
+    metrics = {split: SplitMetrics(scores=dict(values.baselines[LEAD_3]), n_examples=values.n_examples)
+               for split, values in zero_shot.metrics.items() if LEAD_3 in (values.baselines or {})}
     if not metrics:
         raise ValueError("the zero-shot result holds no lead-3 baseline (only summarization computes one)")
-    train_info = {"method": {"name": LEAD_3}, "trainable_params": 0, "total_params": 0, "trainable_percent": 0.0}
-    run_info = {**zero_shot["run_info"], "command": command, "derived_from": zero_shot.get("grid", {}).get("stem")}
-    per_example = {split: {"ids": values["ids"], **values["baselines"][LEAD_3]}
-                   for split, values in zero_shot.get("per_example", {}).items()
-                   if LEAD_3 in values.get("baselines", {})}
-    return {"schema_version": SCHEMA_VERSION, "kind": "baseline", "run_info": run_info,
-            "train_info": train_info, "metrics": metrics, "samples": {}, "per_example": per_example}
+    train_info = TrainInfo(method=MethodFacts(name=LEAD_3), trainable_params=0, total_params=0, trainable_percent=0.0)
+    run_info = dataclasses.replace(zero_shot.run_info, command=command,
+                                   derived_from=zero_shot.grid.stem if zero_shot.grid else None)
+    per_example = {split: lead3 for split, records in (zero_shot.per_example or {}).items()
+                   if (lead3 := records.baseline(LEAD_3)) is not None}
+    return ResultRecord(kind="baseline", run_info=run_info, train_info=train_info, metrics=metrics, samples={},
+                        per_example=per_example)
 
 
-def _train_pilot(cfg: Any, command: str, on_step: Callable[[Any], None] | None) -> dict[str, Any]:
+def _train_pilot(cfg: Any, command: str, on_step: Callable[[Any], None] | None) -> ResultRecord | None:
     """A pilot's result; a pilot whose loss went non-finite is a result too (``diverged``: it loses the choice)."""
     from peftlab.lab.experiment import train_run
     from peftlab.training.trainer import NonFiniteError
@@ -202,25 +220,24 @@ def _train_pilot(cfg: Any, command: str, on_step: Callable[[Any], None] | None) 
     try:
         return train_run(cfg, command=command, on_step=on_step)
     except NonFiniteError as exc:
-        return {"kind": PILOT, "diverged": str(exc), "run_info": {"config": cfg.to_dict(), "command": command},
-                "train_info": {"val_curve": []}, "metrics": {}}
+        return ResultRecord(kind=PILOT, diverged=str(exc), run_info=RunInfo(config=cfg.to_dict(), command=command),
+                            train_info=TrainInfo(val_curve=[]), metrics={})
 
 
-def _execute(run: PlannedRun, status: Status, done: dict[str, dict[str, Any]], command: str,
-             on_step: Callable[[Any], None] | None) -> dict[str, Any]:
-    import dataclasses
-
-    from peftlab.lab.experiment import RESULT_NAME, eval_run, load_result, train_run
+def _execute(run: PlannedRun, status: Status, done: dict[str, ResultRecord], command: str,
+             on_step: Callable[[Any], None] | None) -> ResultRecord | None:
+    """Run (or record, or derive) one planned run; None on a helper rank of a multi-process launch."""
+    from peftlab.lab.experiment import eval_run, train_run
 
     if run.kind == "train" and run.pilot_group is not None and "lr_pilot" not in run.grid:
         raise ConfigError(f"{run.stem}: its learning rate comes from the pilots of {run.pilot_group}, which have "
                           "not all finished (with --shard, run `peftlab compare GRID --pilots-only` first, in one "
                           "process)")
     if run.kind == LEAD_3:
-        zero_shot = next(r for r in done.values() if r.get("grid", {}).get("method") == ZERO_SHOT)
+        zero_shot = next(r for r in done.values() if r.grid is not None and r.grid.method == ZERO_SHOT)
         return lead3_result(zero_shot, command=f"{command} ({run.stem})")
     if status == "finished":
-        return load_result(run.run_dir / RESULT_NAME)
+        return _read_result(run.run_dir / RESULT_NAME)
     if run.kind == ZERO_SHOT:
         return eval_run(run.cfg, command=f"{command} ({run.stem})")
     cfg = dataclasses.replace(run.cfg, resume=status == "resume")
@@ -229,12 +246,13 @@ def _execute(run: PlannedRun, status: Status, done: dict[str, dict[str, Any]], c
     return train_run(cfg, command=f"{command} ({run.stem})", on_step=on_step)
 
 
-def _grid_record(run: PlannedRun, result: dict[str, Any]) -> dict[str, Any]:
-    record = dict(run.grid)
-    if record["n_train"] is None:  # "all": record how many there were (reports read N as a number)
-        record["n_train"] = result.get("train_info", {}).get("train_examples")
-        record["n_train_requested"] = "all"
-    return record
+def _grid_cell(run: PlannedRun, result: ResultRecord) -> GridCell:
+    """The result's ``grid`` record: the planned run's cell, N = "all" replaced by the count that was used."""
+    cell = GridCell.from_dict(run.grid, run.stem)
+    if cell.n_train is None:  # "all": record how many there were (reports read N as a number)
+        cell.n_train = result.train_info.train_examples
+        cell.n_train_requested = "all"
+    return cell
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -245,7 +263,7 @@ def _fmt_duration(seconds: float) -> str:
 
 
 def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: Callable[[Any], None] | None = None,
-             log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+             log: Callable[[str], None] = print) -> list[ResultRecord]:
     """Run (or skip, record, resume) every planned run in order; returns every result, grid record included.
 
     Every run's status is decided before the first one starts, so a settings mismatch fails before any work.
@@ -258,8 +276,8 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
         on_step: passed to :func:`~peftlab.lab.experiment.train_run` (tests interrupt a run with it).
         log: where progress lines go.
     """
-    from peftlab.durable import atomic_write_json
     from peftlab.lab.lr_pilot import extend_pilots, resolve, unresolved
+    from peftlab.lab.result_record import write_result
     from peftlab.training.distributed import is_main
 
     runs = list(runs)  # pilots past the edge of a learning-rate range are inserted as the grid goes
@@ -278,27 +296,28 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
         f"{counts['new'] + counts['finished']} to run -> {runs[0].result_path.parent}/")
     left = sum(1 for r in runs if statuses[r.stem] in ("new", "resume") and r.kind != LEAD_3)
     seconds_per_run: list[float] = []
-    done: dict[str, dict[str, Any]] = {}
+    done: dict[str, ResultRecord] = {}
     k = 0
     while k < len(runs):
         run, k = runs[k], k + 1
         status = statuses[run.stem]
         tag = f"[{k}/{len(runs)}] {run.stem}"
         if status == "done":
-            done[run.stem] = _read_json(run.result_path)
+            done[run.stem] = _read_result(run.result_path)
             log(f"{tag} done earlier, skipped")
             continue
         log(f"{tag} ..." + {"resume": " (resuming from its checkpoint)", "finished": " (recording the finished run)"}
             .get(status, ""))
         t0 = time.perf_counter()
         result = _execute(run, status, done, command, on_step)
-        result = {**result, "grid": _grid_record(run, result)}
-        atomic_write_json(run.result_path, result)
+        assert result is not None  # rank 0 (the helper ranks returned above)
+        result = dataclasses.replace(result, grid=_grid_cell(run, result))
+        write_result(run.result_path, result)
         done[run.stem] = result
         seconds = time.perf_counter() - t0
         if run.kind == PILOT:
             pilots_done[run.stem] = result
-            for extra in extend_pilots(runs, pilots_done, _read_json):
+            for extra in extend_pilots(runs, pilots_done, _read_result):
                 statuses[extra.stem] = run_status(extra)
                 left += 1
                 log(f"{tag}: the best rate of {run.pilot_group} is at the edge of those tried: one more pilot at "
@@ -313,19 +332,19 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
             left -= 1
         eta = statistics.mean(seconds_per_run) * left if seconds_per_run else 0.0
         log(f"{tag} done in {seconds:.0f}s, ETA {_fmt_duration(eta)}")
-        used = result.get("train_info", {}).get("train_examples")
+        used = result.train_info.train_examples
         if run.kind == "train" and run.grid["n_train"] is not None and used is not None and used < run.grid["n_train"]:
             log(f"{tag}: note: N={run.grid['n_train']} asked for, but the training split has only {used} examples")
     return [done[r.stem] for r in runs if r.kind != PILOT]
 
 
-def pilot_results(runs: list[PlannedRun]) -> dict[str, dict[str, Any]]:
+def pilot_results(runs: list[PlannedRun]) -> dict[str, ResultRecord]:
     """The results of the pilots that earlier invocations finished (with those past an edge inserted into ``runs``),
     by stem; every train run whose pilots have all finished gets its learning rate (:mod:`peftlab.lab.lr_pilot`)."""
     from peftlab.lab.lr_pilot import extend_pilots, resolve
 
-    finished = {r.stem: _read_json(r.result_path) for r in runs if r.kind == PILOT and r.result_path.exists()}
-    extend_pilots(runs, finished, _read_json)
+    finished = {r.stem: _read_result(r.result_path) for r in runs if r.kind == PILOT and r.result_path.exists()}
+    extend_pilots(runs, finished, _read_result)
     resolve(runs, finished)
     return finished
 
@@ -337,26 +356,26 @@ def _loss(value: float | None) -> str:
 # ---------------------------------------------------------------------------------------------------- output
 
 
-def summary_table(results: list[dict[str, Any]], split: str = "test") -> str:
+def summary_table(results: list[ResultRecord], split: str = "test") -> str:
     """One row per (method, variant, N): each metric's mean (± sample sd over seeds), trainable params, time."""
     from peftlab.lab.table import METRIC_ORDER
 
-    groups: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, Any], list[ResultRecord]] = {}
     for r in results:
-        g = r["grid"]
-        groups.setdefault((g["method"], g["variant"], g["n_train"]), []).append(r)
-    metrics = [m for m in METRIC_ORDER if any(m in r.get("metrics", {}).get(split, {}) for r in results)]
+        g = r.grid
+        assert g is not None  # every result of a grid carries its cell
+        groups.setdefault((g.method, g.variant, g.n_train), []).append(r)
+    metrics = [m for m in METRIC_ORDER if any(r.metric(split, m) is not None for r in results)]
     header = ["method", "variant", "N", "seeds", *metrics, "trainable", "train s"]
     rows = [header]
     for (method, variant, n), members in groups.items():
         row = [method, variant, str(n), str(len(members))]
         for m in metrics:
-            values = [r["metrics"][split][m] for r in members if m in r.get("metrics", {}).get(split, {})]
+            values = [r.metric(split, m) for r in members if r.metric(split, m) is not None]
             sd = f"±{statistics.stdev(values):.2f}" if len(values) > 1 else ""
             row.append(f"{statistics.mean(values):.2f}{sd}" if values else "-")
-        info = members[0].get("train_info", {})
-        row.append(f"{info.get('trainable_params', 0):,}")
-        times = [r["train_info"]["train_seconds"] for r in members if "train_seconds" in r.get("train_info", {})]
+        row.append(f"{members[0].train_info.trainable_params or 0:,}")
+        times = [r.train_info.train_seconds for r in members if r.train_info.train_seconds is not None]
         row.append(f"{statistics.mean(times):.0f}" if times else "-")
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -382,7 +401,7 @@ def describe_plan(runs: list[PlannedRun]) -> str:
 
 def compare(grid_path: str | Path, overrides: list[str] | None = None, dry_run: bool = False,
             command: str = "peftlab compare", shard: str | None = None,
-            pilots_only: bool = False, estimate: bool = False) -> list[dict[str, Any]]:
+            pilots_only: bool = False, estimate: bool = False) -> list[ResultRecord]:
     """Load, plan and run a grid (or shard ``k/n`` of it, :mod:`peftlab.lab.shard`; or only its learning-rate pilots);
     prints progress and a summary table. Returns the results (none on a dry run or for pilots only)."""
     from peftlab.lab.lr_pilot import unresolved

@@ -13,11 +13,12 @@ from pathlib import Path
 from peftlab.lab.compare import compare
 from peftlab.lab.compare_grid import load_grid
 from peftlab.lab.report import write_report
+from peftlab.lab.result_record import ResultRecord
 
 DEMO_GRID = Path(__file__).with_name("demo_grid.yaml")
 
 
-def run_demo(overrides: list[str], results: str = "results") -> tuple[list[dict], Path]:
+def run_demo(overrides: list[str], results: str = "results") -> tuple[list[ResultRecord], Path]:
     """Run (or reuse) the demo grid with ``overrides`` (grid keys or run keys) and write the report.
 
     Returns:

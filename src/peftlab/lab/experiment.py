@@ -8,14 +8,13 @@ once; every file is written durably (:mod:`peftlab.durable`), ``result.json`` la
 ``result.json`` is a finished run.
 
 ``train_run`` also runs under ``torchrun`` / ``accelerate launch`` (see :mod:`peftlab.training.distributed`): every
-rank trains its share of each batch; rank 0 alone writes files and evaluates, the other ranks return ``{}``.
+rank trains its share of each batch; rank 0 alone writes files and evaluates, the other ranks return None.
 ``eval_run`` under a launcher runs on rank 0 only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import sys
 import time
@@ -35,6 +34,20 @@ from peftlab.evaluation.forgetting import encode_texts, forgetting_texts, text_c
 from peftlab.evaluation.generate import ModelPredictor
 from peftlab.interop.adapter_files import load_adapter, read_adapter_config
 from peftlab.lab import results
+from peftlab.lab.result_record import (
+    RESULT_NAME,
+    EvalSpeed,
+    Forgetting,
+    MethodFacts,
+    ResultRecord,
+    RunInfo,
+    Sample,
+    SplitMetrics,
+    SplitRecords,
+    TrainInfo,
+    ValPoint,
+    write_result,
+)
 from peftlab.methods import get_method
 from peftlab.methods.base import PeftMethod
 from peftlab.methods.io import save_adapter
@@ -46,8 +59,6 @@ from peftlab.training.checkpoint import latest_checkpoint
 from peftlab.training.distributed import DistContext, init_distributed, is_main
 from peftlab.training.run_lock import folder_lock
 from peftlab.training.trainer import Trainer, TrainState
-
-RESULT_NAME = "result.json"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -137,14 +148,14 @@ def forgetting_ce(setup: Setup, adapted: bool) -> dict[str, Any] | None:
             "texts": len(ids), "tokens": tokens, "ce": ce}
 
 
-def _forgetting_record(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``{data, split, field, texts, tokens, before_ce, after_ce, delta_ce}`` (before_ce None if unknown)."""
+def _forgetting_record(before: dict[str, Any] | None, after: dict[str, Any] | None) -> Forgetting | None:
+    """The result's record of two :func:`forgetting_ce` measurements (``before_ce`` None if unknown)."""
     if after is None:
         return None
-    record = {k: v for k, v in after.items() if k != "ce"}
     before_ce = before["ce"] if before is not None else None
-    return {**record, "before_ce": before_ce, "after_ce": after["ce"],
-            "delta_ce": after["ce"] - before_ce if before_ce is not None else None}
+    return Forgetting(data=after["data"], split=after["split"], field=after["field"], texts=after["texts"],
+                      tokens=after["tokens"], before_ce=before_ce, after_ce=after["ce"],
+                      delta_ce=after["ce"] - before_ce if before_ce is not None else None)
 
 
 def _check_out_dir(out: Path, resume: bool) -> None:
@@ -164,11 +175,21 @@ def _load_split(setup: Setup, which: str, limit: int | None, sample_seed: int | 
     return examples
 
 
-def evaluate_splits(setup: Setup, splits: list[str], merge: bool = True) -> tuple[dict, dict, dict, dict]:
+@dataclass
+class Evaluation:
+    """What :func:`evaluate_splits` measured, by split: the parts of the result record it fills."""
+
+    metrics: dict[str, SplitMetrics] = dataclasses.field(default_factory=dict)
+    samples: dict[str, list[Sample]] = dataclasses.field(default_factory=dict)
+    speed: dict[str, EvalSpeed] = dataclasses.field(default_factory=dict)
+    per_example: dict[str, SplitRecords] = dataclasses.field(default_factory=dict)
+
+
+def evaluate_splits(setup: Setup, splits: list[str], merge: bool = True) -> Evaluation:
     """Task metrics, a few samples, throughput and per-example records (for paired significance tests: example ids
     plus the task's records, baselines' under ``"baselines"``) for each split (LoRA-style methods merged while
     evaluating)."""
-    metrics, samples, speed, per_example = {}, {}, {}, {}
+    done = Evaluation()
     cfg = setup.cfg
     # Merging into a bf16/fp16 base would round small updates away; merge only into fp32 weights.
     merged = merge and setup.method.mergeable and cfg.model.dtype == "float32"
@@ -181,40 +202,41 @@ def evaluate_splits(setup: Setup, splits: list[str], merge: bool = True) -> tupl
             t0 = time.perf_counter()
             output = setup.task.evaluate(setup.predictor(), examples, cfg.eval.max_new_tokens)
             seconds = time.perf_counter() - t0
-            metrics[split] = {**output.metrics, "n_examples": len(examples)}
-            if output.baselines:
-                metrics[split]["baselines"] = output.baselines
-            per_example[split] = {"ids": [e.id for e in examples], **pack_records(output.per_example)}
-            if output.baseline_per_example:
-                per_example[split]["baselines"] = {name: pack_records(records)
-                                                   for name, records in output.baseline_per_example.items()}
-            speed[split] = {"eval_seconds": seconds, "eval_examples_per_s": len(examples) / max(seconds, 1e-9)}
+            done.metrics[split] = SplitMetrics(scores=dict(output.metrics), n_examples=len(examples),
+                                               baselines=output.baselines or None)
+            done.per_example[split] = SplitRecords(
+                ids=[e.id for e in examples], records=pack_records(output.per_example),
+                baselines={name: pack_records(records) for name, records in output.baseline_per_example.items()}
+                if output.baseline_per_example else None)
+            done.speed[split] = EvalSpeed(eval_seconds=seconds, eval_examples_per_s=len(examples) / max(seconds, 1e-9))
             shown = list(zip(examples, output.predictions, strict=True))[: cfg.eval.show_examples]
-            samples[split] = [{"id": e.id, "source": e.source[:600], "prediction": p, "references": e.references[:4]}
-                              for e, p in shown]
+            done.samples[split] = [Sample(id=e.id, source=e.source[:600], prediction=p, references=e.references[:4])
+                                   for e, p in shown]
     finally:
         if merged:
             setup.method.unmerge()
-    return metrics, samples, speed, per_example
+    return done
 
 
-def _run_info(cfg: RunConfig, setup: Setup, command: str, started: float, commit: str | None) -> dict[str, Any]:
-    return {"command": command, "config": cfg.to_dict(), "versions": results.package_versions(),
-            "machine": results.machine_info(setup.device), "seed": cfg.train.seed, "git_commit": commit,
-            "started": started, "finished": time.time()}
+def _run_info(cfg: RunConfig, setup: Setup, command: str, started: float, commit: str | None) -> RunInfo:
+    return RunInfo(command=command, config=cfg.to_dict(), versions=results.package_versions(),
+                   machine=results.machine_info(setup.device), seed=cfg.train.seed, git_commit=commit,
+                   started=started, finished=time.time())
 
 
 def _param_info(setup: Setup) -> dict[str, Any]:
+    """``trainable_params``, ``total_params`` and ``trainable_percent`` (fields of :class:`TrainInfo`)."""
     trainable = sum(p.numel() for p in setup.method.trainable_parameters().values())
     return {"trainable_params": trainable, "total_params": setup.total_params,
             "trainable_percent": 100.0 * trainable / max(setup.total_params, 1)}
 
 
-def train_run(cfg: RunConfig, command: str = "", on_step: Callable[[TrainState], None] | None = None) -> dict:
+def train_run(cfg: RunConfig, command: str = "",
+              on_step: Callable[[TrainState], None] | None = None) -> ResultRecord | None:
     """Train ``cfg.method`` on ``cfg.task``/``cfg.data``, save the adapter, evaluate, and write ``result.json``.
 
     Under ``torchrun``/``accelerate launch`` every rank trains its share of each (global) batch; rank 0 then saves,
-    evaluates and returns the result, while the other ranks return ``{}`` as soon as training is done.
+    evaluates and returns the result, while the other ranks return None as soon as training is done.
     """
     started, commit = time.time(), results.git_commit()  # the code that runs is the code at the start
     ctx = init_distributed(cfg.train.device)
@@ -223,7 +245,7 @@ def train_run(cfg: RunConfig, command: str = "", on_step: Callable[[TrainState],
 
 
 def _train_locked(cfg: RunConfig, ctx: DistContext, command: str, on_step: Callable[[TrainState], None] | None,
-                  started: float, commit: str | None) -> dict:
+                  started: float, commit: str | None) -> ResultRecord | None:
     """:func:`train_run` while holding the run folder's lock (rank 0)."""
     out = Path(cfg.out)
     _check_out_dir(out, cfg.resume)
@@ -256,7 +278,7 @@ def _train_locked(cfg: RunConfig, ctx: DistContext, command: str, on_step: Calla
         if ctx.is_main:
             setup = _unsharded(setup, cfg, weights, ctx)
     if not ctx.is_main:
-        return {}
+        return None
     info = {"lr": lr, "steps": state.step, "epochs_completed": epochs, "train_examples": len(train),
             "world_size": ctx.world_size, "skipped_nonfinite_steps": state.skipped_steps,
             "forgetting_before": forgetting_before}
@@ -271,7 +293,7 @@ def _unsharded(setup: Setup, cfg: RunConfig, weights: dict[str, torch.Tensor], c
 
 
 def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[str, Any], out: Path, command: str,
-                  started: float, commit: str | None) -> dict:
+                  started: float, commit: str | None) -> ResultRecord:
     """Save the adapter, evaluate, and write ``result.json`` (rank 0 / the single process)."""
     params = _param_info(setup)  # counted as trained, before after_training() may fold parameters away
     head_weight = output_head(setup.method.model).weight
@@ -284,39 +306,39 @@ def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[st
     forgetting = _forgetting_record(info.pop("forgetting_before"), forgetting_ce(setup, adapted=True))
     adapter_dir = save_adapter(setup.method, cfg.method.name, out / "adapter", cfg.model.name, setup.fingerprint,
                                extra={"task": _task_record(cfg.task, setup.task)})
-    metrics, samples, speed, per_example = evaluate_splits(setup, cfg.eval.splits)
+    evaluation = evaluate_splits(setup, cfg.eval.splits)
     head = head_weight.numel()
     # The body: every weight of the transformer blocks (what each trunk token multiplies), not embedding or head.
     body = sum(p.numel() for block in blocks for p in block.parameters())
-    train_info = {
-        "method": {"name": cfg.method.name, **setup.method.describe()},
+    train_info = TrainInfo(
+        method=MethodFacts(name=cfg.method.name, facts=setup.method.describe()),
         **params,
         **info,  # lr, steps, epochs_completed, train_examples, world_size (known before the trainer is gone)
-        "train_seconds": state.train_seconds,
-        "epoch_seconds": state.epoch_seconds,
-        "trunk_cache": state.trunk_cache,  # train.cache_frozen_trunk in effect: later epochs skipped the trunk
-        "trunk_cache_bytes": state.trunk_cache_bytes,
-        "train_input_tokens": state.input_tokens,
-        "train_target_tokens": state.target_tokens,
-        "train_tokens_per_s": state.input_tokens / max(state.train_seconds, 1e-9),
-        "eval": speed,
+        train_seconds=state.train_seconds,
+        epoch_seconds=state.epoch_seconds,
+        trunk_cache=state.trunk_cache,  # train.cache_frozen_trunk in effect: later epochs skipped the trunk
+        trunk_cache_bytes=state.trunk_cache_bytes,
+        train_input_tokens=state.input_tokens,
+        train_target_tokens=state.target_tokens,
+        train_tokens_per_s=state.input_tokens / max(state.train_seconds, 1e-9),
+        eval=evaluation.speed,
         **results.peak_memory(setup.device),
-        "train_trunk_tokens": state.trunk_input_tokens,
-        "train_flops_estimate": results.estimate_training_flops(
+        train_trunk_tokens=state.trunk_input_tokens,
+        train_flops_estimate=results.estimate_training_flops(
             body, head, params["trainable_params"], state.trunk_input_tokens,
             state.target_tokens, frozen_trunk=frozen_trunk, head_trains=head_trains, frozen_body_params=frozen_body,
             input_tokens=state.input_tokens),
-        "adapter_bytes": (adapter_dir / "adapter.safetensors").stat().st_size,
-        "loss_curve": state.loss_curve,
-        "val_curve": state.val_curve,
-        "best_step": state.best_step,
-        "early_stop_step": state.step if state.stopped_early else None,
-        "forgetting": forgetting,
-    }
-    result = {"schema_version": results.SCHEMA_VERSION, "kind": "train",
-              "run_info": _run_info(cfg, setup, command, started, commit), "train_info": train_info,
-              "metrics": metrics, "samples": samples, "per_example": per_example}
-    atomic_write_json(out / RESULT_NAME, result)
+        adapter_bytes=(adapter_dir / "adapter.safetensors").stat().st_size,
+        loss_curve=state.loss_curve,
+        val_curve=[ValPoint.from_dict(point, "val_curve") for point in state.val_curve],
+        best_step=state.best_step,
+        early_stop_step=state.step if state.stopped_early else None,
+        forgetting=forgetting,
+    )
+    result = ResultRecord(kind="train", run_info=_run_info(cfg, setup, command, started, commit),
+                          train_info=train_info, metrics=evaluation.metrics, samples=evaluation.samples,
+                          per_example=evaluation.per_example)
+    write_result(out / RESULT_NAME, result)
     return result
 
 
@@ -329,18 +351,18 @@ def _task_record(task_cfg: TaskConfig, task: Task) -> dict[str, Any]:
     return record
 
 
-def eval_run(cfg: RunConfig, command: str = "") -> dict:
+def eval_run(cfg: RunConfig, command: str = "") -> ResultRecord | None:
     """Evaluate the base model zero-shot (``adapter`` unset) or with a saved adapter; writes ``result.json``.
 
-    Under a multi-process launcher only rank 0 evaluates; the other ranks return ``{}`` at once.
+    Under a multi-process launcher only rank 0 evaluates; the other ranks return None at once.
     """
     if not is_main():
-        return {}
+        return None
     with folder_lock(cfg.out, "out"):
         return _eval_locked(cfg, command)
 
 
-def _eval_locked(cfg: RunConfig, command: str) -> dict:
+def _eval_locked(cfg: RunConfig, command: str) -> ResultRecord:
     """:func:`eval_run` while holding the output folder's lock."""
     started, commit = time.time(), results.git_commit()  # the code that runs is the code at the start
     out = Path(cfg.out)
@@ -356,21 +378,21 @@ def _eval_locked(cfg: RunConfig, command: str) -> dict:
         setup = _zero_shot_setup(cfg)
     if setup.task.needs_train_labels and not cfg.task.labels:
         setup.task.fit_labels(_load_split(setup, "train", None))
-    metrics, samples, speed, per_example = evaluate_splits(setup, cfg.eval.splits)
+    evaluation = evaluate_splits(setup, cfg.eval.splits)
     method_name = read_adapter_config(cfg.adapter)["method"] if cfg.adapter else "zero-shot"
     after = forgetting_ce(setup, adapted=True)
     # Zero-shot: the model is the base model, so before = after; an adapter's base is not measured here.
     before = after if not cfg.adapter else None
-    train_info = {"method": {"name": method_name, **setup.method.describe()}, **_param_info(setup), "eval": speed,
-                  **results.peak_memory(setup.device), "forgetting": _forgetting_record(before, after)}
+    train_info = TrainInfo(method=MethodFacts(name=method_name, facts=setup.method.describe()), **_param_info(setup),
+                           eval=evaluation.speed, **results.peak_memory(setup.device),
+                           forgetting=_forgetting_record(before, after))
     if not cfg.adapter:
-        train_info["trainable_params"] = 0
-        train_info["trainable_percent"] = 0.0
-    result = {"schema_version": results.SCHEMA_VERSION, "kind": "eval",
-              "run_info": _run_info(cfg, setup, command, started, commit), "train_info": train_info,
-              "metrics": metrics, "samples": samples, "per_example": per_example}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / RESULT_NAME, result)
+        train_info.trainable_params = 0
+        train_info.trainable_percent = 0.0
+    result = ResultRecord(kind="eval", run_info=_run_info(cfg, setup, command, started, commit),
+                          train_info=train_info, metrics=evaluation.metrics, samples=evaluation.samples,
+                          per_example=evaluation.per_example)
+    write_result(out / RESULT_NAME, result)
     return result
 
 
@@ -384,7 +406,3 @@ def _zero_shot_setup(cfg: RunConfig) -> Setup:
     task = get_task(cfg.task)
     return Setup(cfg, task, tokenizer, BaseModelHandle(model.to(device)), PromptEncoder(tokenizer, task, cfg.task),
                  arch_fingerprint(model), device, results.count_parameters(model))
-
-
-def load_result(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

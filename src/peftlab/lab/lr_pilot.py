@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.lab.compare_grid import PILOT, PlannedRun
+from peftlab.lab.result_record import ResultRecord
 
 
-def pilot_loss(result: dict[str, Any]) -> float:
+def pilot_loss(result: ResultRecord) -> float:
     """A pilot's score: its lowest validation loss (``inf`` when it diverged or its loss is not finite)."""
-    if result.get("diverged"):
+    if result.diverged:
         return math.inf
-    losses = [r.get("loss") for r in result.get("train_info", {}).get("val_curve", [])]
+    losses = [point.loss for point in result.train_info.val_curve or []]
     finite = [float(v) for v in losses if isinstance(v, (int, float)) and math.isfinite(v)]
     return min(finite) if finite else math.inf
 
@@ -52,12 +53,12 @@ def _groups(runs: Sequence[PlannedRun]) -> dict[str, list[PlannedRun]]:
     return groups
 
 
-def _candidates(members: Sequence[PlannedRun], finished: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def _candidates(members: Sequence[PlannedRun], finished: dict[str, ResultRecord]) -> list[dict[str, Any]]:
     return [{"factor": p.grid["factor"], "lr": p.grid["lr"], "val_loss": pilot_loss(finished[p.stem])}
             for p in members]
 
 
-def next_factor(members: Sequence[PlannedRun], finished: dict[str, dict[str, Any]]) -> float | None:
+def next_factor(members: Sequence[PlannedRun], finished: dict[str, ResultRecord]) -> float | None:
     """The factor of the group's next pilot past the edge, or None (best inside the range, extensions used up, or
     every pilot diverged). All of ``members`` must have finished."""
     extend = members[0].grid.get("extend", 0)
@@ -86,8 +87,8 @@ def _pilot_at(template: PlannedRun, factor: float) -> PlannedRun:
                                grid={**template.grid, "stem": stem, "lr": lr, "factor": factor, "extension": True})
 
 
-def extend_pilots(runs: list[PlannedRun], finished: dict[str, dict[str, Any]],
-                  read: Callable[[Path], dict[str, Any]]) -> list[PlannedRun]:
+def extend_pilots(runs: list[PlannedRun], finished: dict[str, ResultRecord],
+                  read: Callable[[Path], ResultRecord]) -> list[PlannedRun]:
     """Insert the next pilot past the edge after each finished group whose best rate is at an edge of those tried.
 
     A pilot so added whose result file exists (an earlier invocation ran it) is read into ``finished`` and may lead
@@ -116,7 +117,7 @@ def _json_loss(value: float) -> float | None:
     return value if math.isfinite(value) else None  # JSON has no inf: a diverged pilot is recorded as null
 
 
-def resolve(runs: Sequence[PlannedRun], finished: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def resolve(runs: Sequence[PlannedRun], finished: dict[str, ResultRecord]) -> dict[str, dict[str, Any]]:
     """Set the learning rate of every train run whose group's pilots have all finished; returns those groups'
     records (what was tried and chosen).
 

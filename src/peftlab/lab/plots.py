@@ -11,12 +11,16 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")  # in case pyplot is imported elsewhere in the same process: never a GUI backend
 
 from matplotlib.figure import Figure  # noqa: E402
+
+if TYPE_CHECKING:
+    from peftlab.lab.result_record import TrainInfo
 
 DPI = 100
 Colors = dict[str, tuple[float, float, float, float]]
@@ -33,11 +37,11 @@ class CurveSeries:
     early_stop_step: float | None = None
 
     @classmethod
-    def from_train_info(cls, label: str, info: dict) -> CurveSeries:
+    def from_train_info(cls, label: str, info: TrainInfo) -> CurveSeries:
         """From a result's ``train_info``: ``loss_curve`` [[step, loss]], ``val_curve`` [{step, loss, ...}]."""
-        train = [(p[0], p[1]) for p in info.get("loss_curve") or []]
-        val = [(r["step"], r["loss"]) for r in info.get("val_curve") or [] if r.get("loss") is not None]
-        return cls(label, train, val, info.get("best_step"), info.get("early_stop_step"))
+        train = [(p[0], p[1]) for p in info.loss_curve or []]
+        val = [(point.step, point.loss) for point in info.val_curve or [] if point.loss is not None]
+        return cls(label, train, val, info.best_step, info.early_stop_step)
 
 
 def palette(labels: Sequence[str]) -> Colors:

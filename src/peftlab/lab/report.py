@@ -1,10 +1,11 @@
 """`peftlab report RESULTS_DIR`: one Markdown and one self-contained HTML report built only from result files.
 
-Input: ``RESULTS_DIR/<task>/<method>--<variant>--n<N>--seed<k>.json`` (a result, see :mod:`peftlab.lab.results`, plus
-a ``grid`` record ``{method, variant, n_train, seed, ...}``; baselines such as ``lead-3--default--n0--seed0.json``
-may hold metrics only) and/or plain run folders with a ``result.json`` (method, variant and N then come from
-``run_info.config`` / ``train_info``). Runs are grouped by (task, method, variant, N); every number is a mean over
-seeds with a 95% Student-t confidence interval. ``RESULTS_DIR/analysis/*.png|*.json`` becomes its own section.
+Input: ``RESULTS_DIR/<task>/<method>--<variant>--n<N>--seed<k>.json`` (a result record, see
+:mod:`peftlab.lab.result_record`, with its ``grid`` cell ``{method, variant, n_train, seed, ...}``; baselines
+such as ``lead-3--default--n0--seed0.json`` may hold metrics only) and/or plain run folders with a ``result.json``
+(method, variant and N then come from ``run_info.config`` / ``train_info``). Runs are grouped by (task, method,
+variant, N); every number is a mean over seeds with a 95% Student-t confidence interval.
+``RESULTS_DIR/analysis/*.png|*.json`` becomes its own section.
 
 Output (``--out``, default RESULTS_DIR): ``report.md`` (images linked from ``report_files/``) and ``report.html``
 (images embedded as data URIs, inline CSS, no script and no external resource: it opens offline).
@@ -25,11 +26,19 @@ from typing import Any
 
 from peftlab.durable import atomic_write_bytes, atomic_write_text
 from peftlab.lab.report_render import Block, Heading, Image, Para, Pre, Table, slug, to_html, to_markdown
+from peftlab.lab.result_record import (
+    RESULT_NAME,
+    LrPilot,
+    ResultError,
+    ResultRecord,
+    SplitMetrics,
+    TrainInfo,
+    read_result,
+)
 from peftlab.lab.significance import significance_blocks, with_example_intervals
 from peftlab.lab.table import METRIC_ORDER, format_bytes, format_count
 
 STEM_RE = re.compile(r"(?P<method>.+?)--(?P<variant>.+?)--n(?P<n>\d+|all)--seed(?P<seed>\d+)")
-GRID_KEYS = ("method", "variant", "n_train", "seed")
 # Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; larger df use a Cornish-Fisher expansion.
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -54,12 +63,12 @@ class Run:
     variant: str
     n_train: int
     seed: int
-    result: dict[str, Any]
+    record: ResultRecord
     embedded_in: Path | None = None  # a baseline read from another run's metrics[split]["baselines"]
 
     @property
-    def info(self) -> dict[str, Any]:
-        return self.result.get("train_info") or {}
+    def info(self) -> TrainInfo:
+        return self.record.train_info
 
 
 @dataclass
@@ -124,53 +133,49 @@ def _read_json(path: Path) -> Any:
         raise ReportError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
 
 
-def _plain_run_cell(data: dict[str, Any], path: Path) -> tuple[str, str, str, int, int]:
+def _plain_run_cell(record: ResultRecord, path: Path) -> tuple[str, str, str, int, int]:
     """(task, method, variant, N, seed) of a result.json written by `peftlab train/eval` (no grid record)."""
-    run_info = data.get("run_info") or {}
-    config = run_info.get("config")
-    if not isinstance(config, dict):
+    run_info = record.run_info
+    if not isinstance(run_info.config, dict):
         raise ReportError(f"{path}: a result without a 'grid' record needs run_info.config (to name method and task)")
-    info = data.get("train_info") or {}
-    method = (info.get("method") or {}).get("name") or (config.get("method") or {}).get("name")
+    method = record.train_info.method_name or run_info.config_value("method", "name")
     if not method:
         raise ReportError(f"{path}: no method name in train_info.method.name or run_info.config.method.name")
-    options = (config.get("method") or {}).get("options") or {}
+    options = run_info.config_value("method", "options") or {}
     shown = {k: v for k, v in sorted(options.items()) if v is not None}
     variant = ",".join(f"{k}={json.dumps(v)[:24]}" for k, v in shown.items()) if method != "zero-shot" else ""
-    task = (config.get("task") or {}).get("name", "unknown-task")
-    return task, method, variant or "default", int(info.get("train_examples", 0)), int(run_info.get("seed", 0))
+    task = run_info.config_value("task", "name") or "unknown-task"
+    return task, method, variant or "default", int(record.train_info.train_examples or 0), int(run_info.seed or 0)
 
 
-def _n_train(value: Any, data: dict[str, Any]) -> int:
+def _n_train(value: Any, record: ResultRecord) -> int:
     """N of a grid cell; ``None``/``all`` (every training example) becomes the count the run actually used."""
     if value is None or value == "all":
-        return int((data.get("train_info") or {}).get("train_examples", 0))
+        return int(record.train_info.train_examples or 0)
     return int(value)
 
 
 def read_run(path: Path, root: Path) -> Run:
     """Read one result file; the grid cell comes from its ``grid`` record, its (folder) name, or its config."""
-    data = _read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
-        raise ReportError(f"{path}: not a peftlab result: missing key 'metrics' ({{split: {{metric: value}}}})")
+    try:
+        record = read_result(path)
+    except ResultError as exc:
+        raise ReportError(str(exc)) from exc
     rel = path.relative_to(root)
     # <task>/<stem>.json, or a compare run folder <task>/runs/<stem>/result.json
-    in_folder = path.name == "result.json"
+    in_folder = path.name == RESULT_NAME
     match = STEM_RE.fullmatch(path.parent.name if in_folder else path.stem)
     folder_task = rel.parts[0] if len(rel.parts) > (2 if in_folder else 1) else None
-    grid = data.get("grid")
+    grid = record.grid
     if grid is not None:
-        missing = [k for k in GRID_KEYS if not isinstance(grid, dict) or k not in grid]
-        if missing:
-            raise ReportError(f"{path}: grid record lacks {missing}; it needs {', '.join(GRID_KEYS)}")
-        cell = (str(grid["method"]), str(grid["variant"]), _n_train(grid["n_train"], data), int(grid["seed"]))
+        cell = (str(grid.method), str(grid.variant), _n_train(grid.n_train, record), int(grid.seed))
     elif match:
-        cell = (match["method"], match["variant"], _n_train(match["n"], data), int(match["seed"]))
+        cell = (match["method"], match["variant"], _n_train(match["n"], record), int(match["seed"]))
     else:
-        task, *cell = _plain_run_cell(data, path)
-        return Run(path, task, *cell, data)
-    task = folder_task or _plain_run_cell(data, path)[0]
-    return Run(path, task, *cell, data)
+        task, *cell = _plain_run_cell(record, path)
+        return Run(path, task, *cell, record)
+    task = folder_task or _plain_run_cell(record, path)[0]
+    return Run(path, task, *cell, record)
 
 
 def load_runs(root: str | Path) -> list[Run]:
@@ -182,18 +187,18 @@ def load_runs(root: str | Path) -> list[Run]:
     if not root.is_dir():
         raise ReportError(f"{root}: results folder not found")
     # Dot-names are writes in progress or left by a killed writer (peftlab.durable): never results.
-    paths = [p for p in root.rglob("*.json") if (p.name == "result.json" or STEM_RE.fullmatch(p.stem))
+    paths = [p for p in root.rglob("*.json") if (p.name == RESULT_NAME or STEM_RE.fullmatch(p.stem))
              and p.relative_to(root).parts[0] != "analysis" and "report_files" not in p.parts
              and "pilots" not in p.relative_to(root).parts[:2]  # learning-rate pilots (compare's lr_pilot)
              and not any(part.startswith(".") for part in p.relative_to(root).parts)]
     runs, seen, stems = [], set(), set()
-    for path in sorted(paths, key=lambda p: (p.name == "result.json", p)):  # grid files before run-folder copies
+    for path in sorted(paths, key=lambda p: (p.name == RESULT_NAME, p)):  # grid files before run-folder copies
         top = path.relative_to(root).parts[0]
-        if path.name == "result.json" and (top, path.parent.name) in stems:
+        if path.name == RESULT_NAME and (top, path.parent.name) in stems:
             continue
         run = read_run(path, root)
-        info = run.result.get("run_info") or {}
-        key = (info.get("started"), info.get("finished"), info.get("command")) if info.get("started") else path
+        info = run.record.run_info
+        key = (info.started, info.finished, info.command) if info.started else path
         if key not in seen:
             seen.add(key)
             stems.add((top, path.stem))
@@ -222,7 +227,7 @@ def group_runs(runs: list[Run]) -> dict[str, list[Group]]:
 
 def choose_split(groups: list[Group], wanted: str) -> str:
     """``wanted`` when any run has it, else the first split found (e.g. only 'validation' was evaluated)."""
-    splits = [s for g in groups for r in g.runs for s in r.result["metrics"]]
+    splits = [s for g in groups for r in g.runs for s in r.record.metrics]
     return wanted if wanted in splits or not splits else splits[0]
 
 
@@ -232,10 +237,11 @@ def add_embedded_baselines(groups: list[Group], split: str) -> None:
     have = {g.method for g in groups}
     for g in list(groups):
         for run in g.runs:
-            for name, values in (run.result["metrics"].get(split, {}).get("baselines") or {}).items():
+            for name, values in run.record.baselines_of(split).items():
                 if name not in have and isinstance(values, dict):
                     have.add(name)
-                    base = Run(run.path, g.task, name, "default", 0, 0, {"metrics": {split: values}}, run.path)
+                    record = ResultRecord(metrics={split: SplitMetrics(scores=values)})
+                    base = Run(run.path, g.task, name, "default", 0, 0, record, run.path)
                     groups.insert(0, Group(g.task, name, "default", 0, [base]))
 
 
@@ -245,20 +251,20 @@ def _number(value: Any) -> float | None:
 
 def metric_getter(split: str, name: str) -> Callable[[Run], float | None]:
     """A run's ``metrics[split][name]`` (None when absent or not a number)."""
-    return lambda run: _number(run.result["metrics"].get(split, {}).get(name))
+    return lambda run: _number(run.record.metric(split, name))
 
 
-def info_getter(key: str) -> Callable[[Run], float | None]:
-    """A run's ``train_info[key]`` (None when absent or not a number)."""
-    return lambda run: _number(run.info.get(key))
+def info_getter(field_of: Callable[[TrainInfo], Any]) -> Callable[[Run], float | None]:
+    """A run's ``train_info`` field (``info_getter(lambda i: i.adapter_bytes)``; None when absent or not a number)."""
+    return lambda run: _number(field_of(run.info))
 
 
 def epoch_seconds(run: Run) -> float | None:
     """Mean wall time of the finished epochs (train time / epochs when none finished, e.g. a short max_steps run)."""
     info = run.info
-    if info.get("epoch_seconds"):
-        return statistics.fmean(info["epoch_seconds"])
-    seconds, epochs = _number(info.get("train_seconds")), _number(info.get("epochs_completed"))
+    if info.epoch_seconds:
+        return statistics.fmean(info.epoch_seconds)
+    seconds, epochs = _number(info.train_seconds), _number(info.epochs_completed)
     return seconds / epochs if seconds is not None and epochs else None
 
 
@@ -268,7 +274,7 @@ def metric_names(groups: list[Group], split: str) -> list[str]:
     found: list[str] = []
     for g in groups:
         for run in g.runs:
-            for key, value in run.result["metrics"].get(split, {}).items():
+            for key, value in run.record.scores_of(split).items():
                 if key not in found and key != "n_examples" and "/" not in key and _number(value) is not None:
                     found.append(key)
     rank = {k: i for i, k in enumerate(METRIC_ORDER)}
@@ -282,17 +288,17 @@ def _seconds(v: float) -> str:
 
 def forgetting_delta(run: Run) -> float | None:
     """A run's rise in cross-entropy on out-of-task text (``train_info.forgetting.delta_ce``; None if unmeasured)."""
-    record = run.info.get("forgetting")
-    return _number(record.get("delta_ce")) if isinstance(record, dict) else None
+    record = run.info.forgetting
+    return _number(record.delta_ce) if record is not None else None
 
 
 # (header, value of a run, "min" or "max" is best, formatter) for the cost columns after the metrics.
 COST_COLUMNS: list[tuple[str, Callable[[Run], float | None], str, Callable[[float], str]]] = [
     ("time/epoch", epoch_seconds, "min", _seconds),
-    ("train tok/s", info_getter("train_tokens_per_s"), "max", lambda v: f"{v:,.0f}"),
-    ("peak mem", info_getter("peak_memory_bytes"), "min", format_bytes),
-    ("adapter", info_getter("adapter_bytes"), "min", format_bytes),
-    ("train FLOPs", info_getter("train_flops_estimate"), "min", lambda v: f"{v:.2e}"),
+    ("train tok/s", info_getter(lambda i: i.train_tokens_per_s), "max", lambda v: f"{v:,.0f}"),
+    ("peak mem", info_getter(lambda i: i.peak_memory_bytes), "min", format_bytes),
+    ("adapter", info_getter(lambda i: i.adapter_bytes), "min", format_bytes),
+    ("train FLOPs", info_getter(lambda i: i.train_flops_estimate), "min", lambda v: f"{v:.2e}"),
     ("forgetting ΔCE", forgetting_delta, "min", lambda v: f"{v:+.3f}"),
 ]
 
@@ -310,7 +316,7 @@ def _mark_best(table: Table, column: int, means: list[float | None], better: str
 
 def summary_table(groups: list[Group], split: str, metrics: list[str]) -> Table:
     """One row per group: metrics as mean ± 95% CI, then trainable parameters and the measured costs."""
-    trainable, percent = info_getter("trainable_params"), info_getter("trainable_percent")
+    trainable, percent = info_getter(lambda i: i.trainable_params), info_getter(lambda i: i.trainable_percent)
     table = Table(["method", "variant", "N", "seeds", *metrics, "trainable (%)", *(c[0] for c in COST_COLUMNS)], [],
                   css="summary")
     columns: list[list[float | None]] = [[] for _ in range(len(table.headers))]
@@ -345,7 +351,7 @@ def plot_blocks(task: str, groups: list[Group], split: str, metrics: list[str]) 
         return []
     primary, colors, figures = metrics[0], plots.palette([g.label for g in groups]), []
     scored = [(g, s) for g in groups if (s := g.stat(metric_getter(split, primary))) is not None]
-    trained = [g for g in groups if g.runs[0].info.get("loss_curve") or g.runs[0].info.get("val_curve")]
+    trained = [g for g in groups if g.runs[0].info.loss_curve or g.runs[0].info.val_curve]
     if len(trained) > MAX_CURVES:  # only the largest N of each variant (groups are sorted by N within a variant)
         trained = list({(g.method, g.variant): g for g in trained}.values())[:MAX_CURVES]
     curves = [plots.CurveSeries.from_train_info(g.label, g.runs[0].info) for g in trained]
@@ -361,15 +367,18 @@ def plot_blocks(task: str, groups: list[Group], split: str, metrics: list[str]) 
     where = f" at N={largest}" if len({g.n_train for g, _ in scored if g.n_train}) > 1 else ""
     labels, means, halves = [g.label for g, _ in at_n], [s.mean for _, s in at_n], [s.half for _, s in at_n]
 
-    def cost(key: str) -> list[float | None]:
-        return [st.mean if (st := g.stat(info_getter(key))) else None for g, _ in at_n]
+    def cost(field_of: Callable[[TrainInfo], Any]) -> list[float | None]:
+        return [st.mean if (st := g.stat(info_getter(field_of))) else None for g, _ in at_n]
 
-    figures.append(("params", plots.metric_vs_cost(labels, cost("trainable_params"), means, halves, "trainable "
-                    "parameters", primary, log_x=True, pareto=True, colors=colors),
+    figures.append(("params", plots.metric_vs_cost(labels, cost(lambda i: i.trainable_params), means, halves,
+                                                   "trainable parameters", primary, log_x=True, pareto=True,
+                                                   colors=colors),
                     f"{primary} vs trainable parameters (log scale){where}; dotted: the Pareto front."))
-    figures.append(("time", plots.metric_vs_cost(labels, cost("train_seconds"), means, halves, "training time (s)",
-                                                 primary, colors=colors), f"{primary} vs total training time{where}."))
-    memory = [(g.label, s.mean) for g in groups if (s := g.stat(info_getter("peak_memory_bytes"))) is not None]
+    figures.append(("time", plots.metric_vs_cost(labels, cost(lambda i: i.train_seconds), means, halves,
+                                                 "training time (s)", primary, colors=colors),
+                    f"{primary} vs total training time{where}."))
+    memory = [(g.label, s.mean) for g in groups
+              if (s := g.stat(info_getter(lambda i: i.peak_memory_bytes))) is not None]
     figures.append(("memory", plots.memory_bars([lb for lb, _ in memory], [m for _, m in memory], colors),
                     "Peak memory (CUDA max allocated on GPU, peak RSS of the process on CPU)."))
     sweeps: dict[str, list[tuple[float, float, float | None]]] = {}
@@ -391,12 +400,12 @@ def plot_blocks(task: str, groups: list[Group], split: str, metrics: list[str]) 
 def lr_pilot_blocks(groups: list[Group]) -> list[Block]:
     """The learning rate each (method, variant) trained at, when a grid's ``lr_pilot`` chose it: every candidate's
     pilot validation loss, the untuned rate and the chosen one."""
-    records: dict[tuple[str, str], dict[str, Any]] = {}
+    records: dict[tuple[str, str], LrPilot] = {}
     for g in groups:
         for run in g.runs:
-            record = (run.result.get("grid") or {}).get("lr_pilot")
-            if isinstance(record, dict):
-                records.setdefault((g.method, g.variant), record)
+            grid = run.record.grid
+            if grid is not None and grid.lr_pilot is not None:
+                records.setdefault((g.method, g.variant), grid.lr_pilot)
     if not records:
         return []
 
@@ -406,33 +415,34 @@ def lr_pilot_blocks(groups: list[Group]) -> list[Block]:
     table = Table(["method", "variant", "untuned lr", "pilots: lr (validation loss)", "chosen lr",
                    "validation loss untuned -> chosen"], [])
     for (method, variant), r in records.items():
-        tried = ", ".join(f"{c['lr']:.3g} ({loss(c['val_loss'])})" for c in r.get("candidates", []))
-        untuned = f"{r['default_lr']:.3g}" if r.get("default_lr") is not None else "-"
-        table.rows.append([method, variant, untuned, tried, f"{r['chosen_lr']:.3g}",
-                           f"{loss(r.get('default_val_loss'))} -> {loss(r.get('chosen_val_loss'))}"])
+        tried = ", ".join(f"{c.lr:.3g} ({loss(c.val_loss)})" for c in r.candidates or [])
+        untuned = f"{r.default_lr:.3g}" if r.default_lr is not None else "-"
+        table.rows.append([method, variant, untuned, tried, f"{r.chosen_lr:.3g}",
+                           f"{loss(r.default_val_loss)} -> {loss(r.chosen_val_loss)}"])
     first = next(iter(records.values()))
     return [Heading(3, "Learning rate per method (lr pilot)"), Para(
-        f"Each method trained at the rate whose {first.get('steps')}-step pilot (N={first.get('n_train')}, first "
-        f"seed) had the lowest loss on {first.get('validation_examples')} validation examples; the untuned rate is "
+        f"Each method trained at the rate whose {first.steps}-step pilot (N={first.n_train}, first "
+        f"seed) had the lowest loss on {first.validation_examples} validation examples; the untuned rate is "
         "the grid's own (train.lr or the method's default). The difference between the two losses is what tuning "
         "bought in the pilot."), table]
 
 
 def sample_blocks(groups: list[Group], split: str) -> list[Block]:
     """A few test examples with each method's output side by side (first seed, largest N per variant)."""
-    shown = {(g.method, g.variant): g for g in groups if g.runs[0].result.get("samples", {}).get(split)}
+    shown = {(g.method, g.variant): g for g in groups if g.runs[0].record.samples_of(split)}
     if not shown:
         return []
-    by_group = {g.label: {str(s.get("id", i)): s for i, s in enumerate(g.runs[0].result["samples"][split])}
-                for g in shown.values()}
+    by_group = {g.label: {str(i if s.id is None else s.id): s
+                          for i, s in enumerate(g.runs[0].record.samples_of(split))} for g in shown.values()}
     first = next(iter(by_group.values()))
     blocks: list[Block] = [Heading(3, f"Generated outputs ({split})")]
     for example_id in list(first)[:MAX_SAMPLE_EXAMPLES]:
         sample = first[example_id]
-        refs = "\n".join(f"- {ref}" for ref in sample.get("references") or [])
-        blocks += [Para(f"Example {example_id}"), Pre(f"SOURCE:\n{sample.get('source', '')}\n\nREFERENCE:\n{refs}")]
-        rows = [[label, str(samples[example_id].get("prediction", ""))] for label, samples in by_group.items()
-                if example_id in samples]
+        refs = "\n".join(f"- {ref}" for ref in sample.references or [])
+        source = "" if sample.source is None else sample.source
+        blocks += [Para(f"Example {example_id}"), Pre(f"SOURCE:\n{source}\n\nREFERENCE:\n{refs}")]
+        rows = [[label, str("" if samples[example_id].prediction is None else samples[example_id].prediction)]
+                for label, samples in by_group.items() if example_id in samples]
         blocks.append(Table(["method", "prediction"], rows, css="samples"))
     return blocks
 
@@ -442,15 +452,16 @@ def run_blocks(groups: list[Group], root: Path) -> list[Block]:
     rows, envs = [], {}
     for g in groups:
         for run in g.runs:
-            info = run.result.get("run_info") or {}
+            info = run.record.run_info
             if run.embedded_in is not None:
                 rows.append([g.label, "-", f"computed inside {run.embedded_in.relative_to(root)}", "-", "-", "-"])
                 continue
-            env = json.dumps({"versions": info.get("versions"), "machine": info.get("machine")}, indent=1)
-            number = envs.setdefault(env, len(envs) + 1) if info else None
-            finished = time.strftime("%Y-%m-%d %H:%M", time.localtime(info["finished"])) if "finished" in info else "-"
-            rows.append([g.label, str(run.seed), str(run.path.relative_to(root)), info.get("command") or "-",
-                         str(info.get("git_commit") or "-"), f"{finished}, env {number}" if number else finished])
+            env = json.dumps({"versions": info.versions, "machine": info.machine}, indent=1)
+            number = envs.setdefault(env, len(envs) + 1) if not info.empty else None
+            finished = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.finished)) if info.finished is not None \
+                else "-"
+            rows.append([g.label, str(run.seed), str(run.path.relative_to(root)), info.command or "-",
+                         str(info.git_commit or "-"), f"{finished}, env {number}" if number else finished])
     blocks: list[Block] = [Heading(3, "Runs"),
                            Table(["group", "seed", "file", "command", "git commit", "finished, environment"], rows)]
     for env, number in envs.items():
@@ -460,8 +471,8 @@ def run_blocks(groups: list[Group], root: Path) -> list[Block]:
     timed = []
     for g in groups:
         for run in g.runs:
-            info = run.result.get("run_info") or {}
-            if run.path.name != "result.json":  # <task>/<stem>.json
+            info = run.record.run_info
+            if run.path.name != RESULT_NAME:  # <task>/<stem>.json
                 folder, stem = run.path.parent, run.path.stem
             elif run.path.parent.parent.name == "runs":  # <task>/runs/<stem>/result.json
                 folder, stem = run.path.parents[2], run.path.parent.name
@@ -472,9 +483,10 @@ def run_blocks(groups: list[Group], root: Path) -> list[Block]:
                 predictions[folder] = _read_json(file) if file.is_file() else {}
             record = predictions[folder].get(stem)
             p = _number(record.get("predicted_seconds")) if isinstance(record, dict) else None
-            if (p is not None and run.embedded_in is None and not info.get("derived_from")
-                    and _number(info.get("started")) is not None and _number(info.get("finished")) is not None):
-                timed.append((g.label, run.seed, p, float(info["finished"]) - float(info["started"])))
+            started, finished = _number(info.started), _number(info.finished)
+            if (p is not None and run.embedded_in is None and not info.derived_from
+                    and started is not None and finished is not None):
+                timed.append((g.label, run.seed, p, finished - started))
     if timed:
         table = Table(["group", "seed", "predicted", "actual", "actual / predicted"],
                       [[label, str(seed), _seconds(p), _seconds(a), f"{a / p:.2f}" if p > 0 else "-"]

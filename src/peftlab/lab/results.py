@@ -1,22 +1,5 @@
-"""The result file of one run (``<out>/result.json``): a fixed schema that reports are built from.
-
-Schema (``schema_version`` 1)::
-
-    run_info:   command, config (fully resolved), versions, machine, seed, git commit, started/finished
-    train_info: method facts, trainable/total params and %, time per epoch and in all, train tokens/s,
-                eval examples/s, peak memory bytes (+ how it was measured), estimated training FLOPs,
-                adapter bytes, loss curve, validation curve, best/early-stop step
-    metrics:    {split: {metric: value}}, plus baselines (e.g. lead-3) under metrics[split]["baselines"]
-    samples:    {split: [{id, source, prediction, references}]}  (a few generated outputs)
-    per_example: {split: {ids: [example id, ...], <record>: ..., baselines: {name: {<record>: ...}}}}, what a
-                paired significance test needs (peftlab.lab.significance), one value per example in ``ids``
-                order: classification ``predicted``/``gold`` label indices into ``labels``; summarization
-                ``rouge1/rouge2/rougeL/rougeLsum`` F1 x100; table-to-text ``bleu_stats`` (sacrebleu's
-                [sys_len, ref_len, correct1..4, total1..4]) and ``rougeL``. Numeric records are packed as one
-                string of space-separated numbers (``;`` between examples' BLEU rows; peftlab.tasks.base
-                pack_records / unpack_numbers) to keep indented JSON small. Absent in older files (the
-                report then omits significance and says so); not part of ``schema_version``.
-"""
+"""What a run measures about itself for its result record (:mod:`peftlab.lab.result_record`, where the schema is):
+package versions, the machine, the git commit, peak memory, parameter counts and the estimated training FLOPs."""
 
 from __future__ import annotations
 
@@ -33,8 +16,6 @@ from typing import Any
 import torch
 
 from peftlab.training.host_memory import trim_heap
-
-SCHEMA_VERSION = 1
 
 
 def package_versions() -> dict[str, str]:

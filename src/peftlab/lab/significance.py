@@ -1,5 +1,5 @@
 """Paired significance between grid cells over the test examples they share, from the per-example records of
-result files (``per_example[split]``, see :mod:`peftlab.lab.results`).
+result files (``per_example[split]``, see :mod:`peftlab.lab.result_record`).
 
 A *cell* is the runs of one (method, variant, N) group over its seeds. Every metric is a function of per-example
 statistics summed over examples and seeds, so one resample of the examples (a row of counts) scores every cell
@@ -23,7 +23,7 @@ training randomness.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from peftlab.lab.report_render import Block, Heading, Para, Table
+from peftlab.lab.result_record import SplitRecords
 from peftlab.tasks.base import unpack_numbers
 
 if TYPE_CHECKING:
@@ -84,15 +85,14 @@ def _order(reference: Sequence[str], ids: Sequence[str], what: str, against: str
     return np.array([position[example_id] for example_id in reference])
 
 
-def _arrays(records: dict[str, Any], what: str) -> tuple[list[str], dict[str, np.ndarray], int | None]:
+def _arrays(records: SplitRecords, what: str) -> tuple[list[str], dict[str, np.ndarray], int | None]:
     """(ids, numeric records as arrays, label count) of one run's ``per_example[split]``."""
-    ids = records.get("ids")
-    if not isinstance(ids, list) or not ids:
+    if not isinstance(records.ids, list) or not records.ids:
         raise SignificanceError(f"{what}: per-example records without a list of example ids")
-    ids = [str(example_id) for example_id in ids]
+    ids = [str(example_id) for example_id in records.ids]
     arrays: dict[str, np.ndarray] = {}
-    for key, value in records.items():
-        if key in ("ids", "labels", "baselines"):
+    for key, value in records.records.items():
+        if key == "labels":
             continue
         try:
             values = np.asarray(unpack_numbers(value), dtype=np.float64)
@@ -101,22 +101,35 @@ def _arrays(records: dict[str, Any], what: str) -> tuple[list[str], dict[str, np
         if values.size % len(ids):
             raise SignificanceError(f"{what}: per-example record {key!r} has {values.size} values for {len(ids)} ids")
         arrays[key] = values.reshape(len(ids), -1) if values.size != len(ids) else values
-    labels = records.get("labels")
+    labels = records.records.get("labels")
     return ids, arrays, len(labels) if isinstance(labels, list) else None
 
 
-def make_cell(label: str, seed_records: Sequence[dict[str, Any]]) -> Cell:
+def _split_records(records: SplitRecords | Mapping[str, Any], what: str) -> SplitRecords:
+    if isinstance(records, SplitRecords):
+        return records
+    if not isinstance(records, Mapping):
+        raise SignificanceError(f"{what}: per-example records are not a mapping")
+    return SplitRecords.from_dict(records, what)
+
+
+def make_cell(label: str, seed_records: Sequence[SplitRecords | Mapping[str, Any]]) -> Cell:
     """A cell from the ``per_example[split]`` records of each of its seeds (aligned by example id).
+
+    Args:
+        label: the cell's name in messages and tables.
+        seed_records: one :class:`SplitRecords` per seed, or its JSON mapping ``{"ids": [...], <record>: ...}``.
 
     Raises:
         SignificanceError: no records, or seeds scored on different examples.
     """
     if not seed_records:
         raise SignificanceError(f"{label}: no per-example records")
-    ids, first, n_labels = _arrays(seed_records[0], f"{label} (seed 1)")
+    ids, first, n_labels = _arrays(_split_records(seed_records[0], f"{label} (seed 1)"), f"{label} (seed 1)")
     seeds = [first]
     for k, records in enumerate(seed_records[1:], start=2):
-        other_ids, arrays, other_labels = _arrays(records, f"{label} (seed {k})")
+        what = f"{label} (seed {k})"
+        other_ids, arrays, other_labels = _arrays(_split_records(records, what), what)
         order = _order(ids, other_ids, f"{label} (seed {k})", f"{label} (seed 1)")
         seeds.append({key: values[order] for key, values in arrays.items()})
         if other_labels is not None:
@@ -378,15 +391,14 @@ def _cell_label(group: Group) -> str:
     return group.method + ("" if group.variant == "default" else f"/{group.variant}")
 
 
-def _records(run: Run, split: str, groups: Sequence[Group]) -> dict[str, Any] | None:
+def _records(run: Run, split: str, groups: Sequence[Group]) -> SplitRecords | None:
     """A run's ``per_example[split]``; for a baseline the report read from another run's metrics, that run's
     records of it (``per_example[split]["baselines"][name]``, with that run's ids)."""
     if run.embedded_in is None:
-        return (run.result.get("per_example") or {}).get(split)
+        return run.record.records_of(split)
     origin = next((r for g in groups for r in g.runs if r.path == run.embedded_in and r.embedded_in is None), None)
-    records = ((origin.result.get("per_example") or {}).get(split) or {}) if origin else {}
-    baseline = (records.get("baselines") or {}).get(run.method)
-    return {"ids": records["ids"], **baseline} if baseline and "ids" in records else None
+    records = origin.record.records_of(split) if origin else None
+    return records.baseline(run.method) if records is not None else None
 
 
 def report_cells(groups: Sequence[Group], split: str) -> tuple[list[tuple[Group, Cell]], list[str]]:

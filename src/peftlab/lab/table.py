@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from peftlab.lab.result_record import ResultRecord
 
 # Metrics shown when present, in this order.
 METRIC_ORDER = ("bleu", "rougeL", "rouge1", "rouge2", "rougeLsum", "accuracy", "macro_f1")
@@ -26,23 +26,23 @@ def format_count(n: int) -> str:
     return str(n)
 
 
-def result_row(result: dict[str, Any], split: str = "test") -> dict[str, str]:
+def result_row(result: ResultRecord, split: str = "test") -> dict[str, str]:
     """The table cells of one result."""
-    info = result.get("train_info", {})
-    metrics = result.get("metrics", {}).get(split, {})
-    row = {"method": info.get("method", {}).get("name", "?")}
+    info = result.train_info
+    scores, metrics = result.scores_of(split), result.split_metrics(split)
+    row = {"method": info.method_name or "?"}
     for key in METRIC_ORDER:
-        if key in metrics:
-            row[key] = f"{metrics[key]:.2f}"
-    row["trainable"] = f"{format_count(info.get('trainable_params', 0))} ({info.get('trainable_percent', 0):.3f}%)"
-    row["train time"] = f"{info['train_seconds']:.0f}s" if "train_seconds" in info else "-"
-    row["tok/s"] = f"{info['train_tokens_per_s']:.0f}" if "train_tokens_per_s" in info else "-"
-    row["peak mem"] = format_bytes(info.get("peak_memory_bytes"))
-    row["n"] = str(metrics.get("n_examples", "-"))
+        if key in scores:
+            row[key] = f"{scores[key]:.2f}"
+    row["trainable"] = f"{format_count(info.trainable_params or 0)} ({info.trainable_percent or 0:.3f}%)"
+    row["train time"] = f"{info.train_seconds:.0f}s" if info.train_seconds is not None else "-"
+    row["tok/s"] = f"{info.train_tokens_per_s:.0f}" if info.train_tokens_per_s is not None else "-"
+    row["peak mem"] = format_bytes(info.peak_memory_bytes)
+    row["n"] = str(metrics.n_examples if metrics is not None and metrics.n_examples is not None else "-")
     return row
 
 
-def format_table(results: list[dict[str, Any]], split: str = "test", markdown: bool = False,
+def format_table(results: list[ResultRecord], split: str = "test", markdown: bool = False,
                  labels: list[str] | None = None) -> str:
     """Rows = runs, columns = the metrics any run has, then cost columns; baselines (e.g. lead-3) get rows too.
 
@@ -53,7 +53,7 @@ def format_table(results: list[dict[str, Any]], split: str = "test", markdown: b
     for row, label in zip(rows, labels or [], strict=False):
         row["method"] = label
     for r in results:
-        for name, values in r.get("metrics", {}).get(split, {}).get("baselines", {}).items():
+        for name, values in r.baselines_of(split).items():
             if not any(row["method"] == name for row in rows):
                 rows.append({"method": name, **{k: f"{v:.2f}" for k, v in values.items() if k in METRIC_ORDER}})
     columns = ["method"] + [k for k in METRIC_ORDER if any(k in row for row in rows)]
