@@ -1,18 +1,19 @@
 """What every method that wraps a frozen ``nn.Linear`` / GPT-2 ``Conv1D`` column-slice by column-slice shares
 (LoRA, IA3, VeRA, ...): the wrapped layer, its output slices, weight/bias pass-through, the trainable dtype, the
-base rows of a slice, and :func:`wrap_targets`, which puts one wrapper on each targeted module."""
+base rows of a slice, :func:`wrap_targets`, which puts one wrapper on each targeted module, :func:`apply_wrapped`,
+which applies such a method to a model, and :func:`branch_parameters`, its trainable tensors under PEFT's keys."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.methods.base import freeze_all
+from peftlab.methods.base import LayerwiseMergeable, freeze_all
 from peftlab.models.arch import TargetModule, input_embeddings, resolve_targets
 
 # Branch key of a branch that covers the whole layer; ``<module>.<param>.weight``-style keys are PEFT's layout too.
@@ -128,7 +129,34 @@ def describe_layers(layers: dict[str, SlicedLinearWrapper]) -> dict[str, Any]:
     return {"targets": sorted(kinds), "n_modules": len(layers)}
 
 
+def branch_parameters(layers: Mapping[str, SlicedLinearWrapper], per_branch: Sequence[str],
+                      per_layer: Sequence[str] = ()) -> dict[str, nn.Parameter]:
+    """The trainable tensors of wrapped layers under PEFT's keys, layer by layer (the order optimizer state and
+    checkpoints rely on).
+
+    Args:
+        layers: module path -> wrapper.
+        per_branch: names of the wrapper's ``ParameterDict`` attributes keyed by branch: ``<module>.<name>`` for a
+            whole-layer branch, ``<module>.<name>.<slice>`` for a slice; a branch the dict has no entry for (LoKr's
+            factored W1) is skipped.
+        per_layer: names of plain parameters shared by the layer's branches (VeRA's lambda_d), ``<module>.<name>``,
+            before the layer's branches.
+    """
+    params: dict[str, nn.Parameter] = {}
+    for module, layer in layers.items():
+        for name in per_layer:
+            params[f"{module}.{name}"] = getattr(layer, name)
+        for key in layer.slices:
+            for name in per_branch:
+                by_branch = getattr(layer, name)
+                if key in by_branch:
+                    params[f"{module}.{name}" + ("" if key == WHOLE else f".{key}")] = by_branch[key]
+    return params
+
+
 Wrapper = TypeVar("Wrapper", bound=SlicedLinearWrapper)
+Method = TypeVar("Method", bound=LayerwiseMergeable)
+MakeWrapper = Callable[[str, TargetModule, dict[str, tuple[int, int]]], Any]
 
 
 def freeze_and_resolve(model: nn.Module, target_modules: list[str] | str, wrapper: type, label: str,
@@ -175,3 +203,27 @@ def wrap_targets(model: nn.Module, targets: list[TargetModule],
         if first.module.weight is emb_weight:
             tied.append(name)
     return layers, tied
+
+
+def apply_wrapped(method: type[Method], wrapper: type[SlicedLinearWrapper], model: nn.Module, config: Any,
+                  layers_for: Callable[[list[TargetModule]], MakeWrapper]) -> Method:
+    """Apply a method that wraps linear layers: refuse a model it is already applied to, freeze every parameter,
+    resolve ``config.target_modules``, put one ``wrapper`` on each targeted module (in place) and return the
+    ``method`` over those layers.
+
+    Args:
+        method: the method's class; its ``merge_label`` names it in errors.
+        wrapper: the wrapper class (a model holding one already has the method applied).
+        model: the base model.
+        config: the method's options.
+        layers_for: given every resolved target, the function that builds one module's wrapper,
+            ``(name, target, slices) -> wrapper`` (see :func:`wrap_targets`); it sees all targets first, so state
+            shared by the layers and sized by them (VeRA's projections) is made once.
+
+    Raises:
+        ValueError: the method is already applied to ``model``.
+        ConfigError: ``method.target_modules`` matches nothing (the message lists the valid names).
+    """
+    targets = freeze_and_resolve(model, config.target_modules, wrapper, method.merge_label)
+    layers, tied = wrap_targets(model, targets, layers_for(targets))
+    return method(model, config, layers, tied)

@@ -15,8 +15,8 @@ from torch import nn
 from peftlab.config import ConfigError
 from peftlab.methods.base import LayerwiseMergeable, freeze_all
 from peftlab.methods.ia3.config import IA3Config
-from peftlab.methods.ia3.layer import WHOLE, IA3Linear
-from peftlab.methods.wrapped_linear import wrap_targets
+from peftlab.methods.ia3.layer import IA3Linear
+from peftlab.methods.wrapped_linear import branch_parameters, wrap_targets
 from peftlab.models.arch import TargetModule, resolve_targets
 
 # What feedforward_modules=null means: the FFN down projection, whose input is the FFN's intermediate activation.
@@ -33,11 +33,7 @@ class IA3Method(LayerwiseMergeable):
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """``<module>.ia3_l`` for a whole layer (PEFT's key and shape), ``<module>.ia3_l.<slice>`` for a slice."""
-        params: dict[str, nn.Parameter] = {}
-        for name, layer in self.layers.items():
-            for key in layer.slices:
-                params[f"{name}.ia3_l" if key == WHOLE else f"{name}.ia3_l.{key}"] = layer.ia3_l[key]
-        return params
+        return branch_parameters(self.layers, ["ia3_l"])
 
     def describe(self) -> dict[str, Any]:
         """Rescaled layer kinds, e.g. ``{"output": ["c_attn[k,v]"], "input": ["c_proj"]}``."""

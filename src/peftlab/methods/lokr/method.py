@@ -12,8 +12,8 @@ from torch import nn
 from peftlab.methods.base import LayerwiseMergeable
 from peftlab.methods.lokr.config import LokrConfig
 from peftlab.methods.lokr.factors import kron_shape
-from peftlab.methods.lokr.layer import FACTORS, WHOLE, LokrLinear
-from peftlab.methods.wrapped_linear import describe_layers, freeze_and_resolve, wrap_targets
+from peftlab.methods.lokr.layer import FACTORS, LokrLinear
+from peftlab.methods.wrapped_linear import apply_wrapped, branch_parameters, describe_layers
 from peftlab.models.arch import TargetModule
 
 
@@ -27,34 +27,20 @@ class LokrMethod(LayerwiseMergeable):
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """``<module>.lokr_w1`` (or ``lokr_w1_a`` / ``_b``) and ``lokr_w2`` (or ``lokr_w2_a`` / ``_b``): PEFT's keys
         and shapes; ``.<slice>`` appended for a slice."""
-        params: dict[str, nn.Parameter] = {}
-        for name, layer in self.layers.items():
-            for key in layer.slices:
-                for factor in FACTORS:
-                    if key in getattr(layer, factor):
-                        params[f"{name}.{factor}" + ("" if key == WHOLE else f".{key}")] = getattr(layer, factor)[key]
-        return params
+        return branch_parameters(self.layers, FACTORS)
 
     def describe(self) -> dict[str, Any]:
         return {"r": self.config.r, "scaling": self.config.scaling, **describe_layers(self.layers)}
 
 
 def apply_lokr(model: nn.Module, config: LokrConfig) -> LokrMethod:
-    """Freeze ``model`` and wrap every target layer in a :class:`LokrLinear` (in place).
-
-    Returns:
-        The :class:`LokrMethod`; the model's outputs equal the base model's (W1 = 0).
-
-    Raises:
-        ConfigError: ``method.target_modules`` matches nothing (the message lists the valid names).
-        ValueError: LoKr is already applied to ``model``.
-    """
-    targets = freeze_and_resolve(model, config.target_modules, LokrLinear, "LoKr")
+    """Freeze ``model`` and wrap every target layer in a :class:`LokrLinear` (in place), each branch factored by
+    :func:`~peftlab.methods.lokr.factors.kron_shape`; the model's outputs then equal the base model's (W1 = 0).
+    Errors as :func:`~peftlab.methods.wrapped_linear.apply_wrapped`."""
 
     def make(name: str, target: TargetModule, slices: dict[str, tuple[int, int]]) -> LokrLinear:
         shapes = {key: kron_shape(stop - start, target.in_features, config.r, config.decompose_factor,
                                   config.decompose_both) for key, (start, stop) in slices.items()}
         return LokrLinear(target.module, slices, shapes, target.fan_in_fan_out, config.r, config.scaling)
 
-    layers, tied = wrap_targets(model, targets, make)
-    return LokrMethod(model, config, layers, tied)
+    return apply_wrapped(LokrMethod, LokrLinear, model, config, lambda targets: make)

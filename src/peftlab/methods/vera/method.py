@@ -13,8 +13,8 @@ from torch import nn
 
 from peftlab.methods.base import LayerwiseMergeable
 from peftlab.methods.vera.config import VeraConfig
-from peftlab.methods.vera.layer import WHOLE, VeraLinear, shared_projections
-from peftlab.methods.wrapped_linear import describe_layers, freeze_and_resolve, wrap_targets
+from peftlab.methods.vera.layer import VeraLinear, shared_projections
+from peftlab.methods.wrapped_linear import MakeWrapper, apply_wrapped, branch_parameters, describe_layers
 from peftlab.models.arch import TargetModule
 
 # Keys of the shared projections in the saved adapter (save_projection); PEFT's are "base_model.vera_A" / "_B".
@@ -32,12 +32,7 @@ class VeraMethod(LayerwiseMergeable):
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """``<module>.vera_lambda_d`` (r,) and ``<module>.vera_lambda_b`` (d_out,) (PEFT's keys and shapes) or
         ``<module>.vera_lambda_b.<slice>`` for an output slice."""
-        params: dict[str, nn.Parameter] = {}
-        for name, layer in self.layers.items():
-            params[f"{name}.vera_lambda_d"] = layer.vera_lambda_d
-            for key in layer.slices:
-                params[f"{name}.vera_lambda_b" + ("" if key == WHOLE else f".{key}")] = layer.vera_lambda_b[key]
-        return params
+        return branch_parameters(self.layers, ["vera_lambda_b"], per_layer=["vera_lambda_d"])
 
     def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The shared (A, B), as every layer holds them."""
@@ -82,25 +77,17 @@ def projection_dims(targets: list[Any]) -> tuple[int, int]:
 
 
 def apply_vera(model: nn.Module, config: VeraConfig) -> VeraMethod:
-    """Freeze ``model`` and wrap every target layer in a :class:`VeraLinear` sharing one pair of projections.
+    """Freeze ``model`` and wrap every target layer in a :class:`VeraLinear` (in place), all sharing one pair of
+    projections drawn from ``projection_prng_key`` and sized by the largest target; the model's outputs then equal
+    the base model's (lambda_b = 0). Errors as :func:`~peftlab.methods.wrapped_linear.apply_wrapped`."""
 
-    Returns:
-        The :class:`VeraMethod`; the model's outputs equal the base model's (lambda_b = 0).
+    def layers_for(targets: list[TargetModule]) -> MakeWrapper:
+        max_out, max_in = projection_dims(targets)
+        weight = targets[0].module.weight
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        a, b = (p.to(weight.device, dtype) for p in shared_projections(config.r, max_in, max_out,
+                                                                       config.projection_prng_key))
+        return lambda name, target, slices: VeraLinear(target.module, slices, target.in_features,
+                                                       target.fan_in_fan_out, a, b, config.d_initial, config.dropout)
 
-    Raises:
-        ConfigError: ``method.target_modules`` matches nothing (the message lists the valid names).
-        ValueError: VeRA is already applied to ``model``.
-    """
-    targets = freeze_and_resolve(model, config.target_modules, VeraLinear, "VeRA")
-    max_out, max_in = projection_dims(targets)
-    weight = targets[0].module.weight
-    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-    a, b = (p.to(weight.device, dtype) for p in shared_projections(config.r, max_in, max_out,
-                                                                   config.projection_prng_key))
-
-    def make(name: str, target: TargetModule, slices: dict[str, tuple[int, int]]) -> VeraLinear:
-        return VeraLinear(target.module, slices, target.in_features, target.fan_in_fan_out, a, b, config.d_initial,
-                          config.dropout)
-
-    layers, tied = wrap_targets(model, targets, make)
-    return VeraMethod(model, config, layers, tied)
+    return apply_wrapped(VeraMethod, VeraLinear, model, config, layers_for)
