@@ -8,7 +8,7 @@ label set with ``predictor.score_choices``. Metric functions are pure (lists of 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -153,7 +153,31 @@ class Task:
         """Called once with the training examples before training (classification fixes its label set here)."""
 
     def evaluate(self, predictor: Predictor, examples: Sequence[Example], max_new_tokens: int | None) -> EvalOutput:
+        """Score the model on ``examples``.
+
+        Args:
+            predictor: the model wrapper (generation tasks call ``generate``, classification ``score_choices``).
+            examples: the examples to score (at least one).
+            max_new_tokens: generation cap; None uses ``default_max_new_tokens``.
+
+        Returns:
+            The task's metrics, the predictions and, per example, what a paired test needs (:class:`EvalOutput`).
+        """
         raise NotImplementedError
+
+    def generated_and_references(self, predictor: Predictor, examples: Sequence[Example], max_new_tokens: int | None,
+                                 clean: Callable[[str], str]) -> tuple[list[str], list[list[str]]]:
+        """What a generation task scores: each example's generated text cut by ``clean`` (up to ``max_new_tokens``,
+        or the task's default cap when None), and each example's references (its target when it has none).
+
+        Raises:
+            ValueError: no examples.
+        """
+        if not examples:
+            raise ValueError(f"{self.name}: no examples to evaluate")
+        limit = max_new_tokens if max_new_tokens is not None else self.default_max_new_tokens
+        predictions = [clean(text) for text in predictor.generate(examples, limit)]
+        return predictions, [ex.references or [ex.target] for ex in examples]
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "template": self.template, "source_field": self.source_field,

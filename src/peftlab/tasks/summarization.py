@@ -88,22 +88,15 @@ class SummarizationTask(Task):
         return Example(id=example_id(row, index, where), source=source, target=target, references=[target])
 
     def evaluate(self, predictor: Predictor, examples: Sequence[Example], max_new_tokens: int | None) -> EvalOutput:
-        """Generate summaries, score them with ROUGE, and score lead-3 on the same examples.
-
-        Args:
-            predictor: the model wrapper (``generate`` is used).
-            examples: the examples to score (at least one).
-            max_new_tokens: generation cap; None uses ``default_max_new_tokens``.
+        """Generate summaries (cut at the first blank line), score them with ROUGE, and score lead-3 on the same
+        examples (arguments as :meth:`Task.evaluate`).
 
         Returns:
             ROUGE metrics, the cleaned predictions, and ``baselines["lead-3"]`` with the same keys; per example,
             each ROUGE F1 (x100) of the predictions and of lead-3.
         """
-        if not examples:
-            raise ValueError(f"{self.name}: no examples to evaluate")
-        limit = max_new_tokens if max_new_tokens is not None else self.default_max_new_tokens
-        predictions = [cut_at_blank_line(text) for text in predictor.generate(examples, limit)]
-        references = [ex.references or [ex.target] for ex in examples]
+        predictions, references = self.generated_and_references(predictor, examples, max_new_tokens,
+                                                                cut_at_blank_line)
         scores = rouge_f1_per_example(predictions, references)
         lead3 = rouge_f1_per_example([lead_n(ex.source, 3) for ex in examples], references)
         return EvalOutput(metrics=_means(scores), predictions=predictions, baselines={"lead-3": _means(lead3)},

@@ -60,23 +60,15 @@ class TableToTextTask(Task):
                        references=references)
 
     def evaluate(self, predictor: Predictor, examples: Sequence[Example], max_new_tokens: int | None) -> EvalOutput:
-        """Generate one description per example; corpus BLEU and mean best-reference ROUGE-L (both x100).
-
-        Args:
-            predictor: the model wrapper (``generate`` is used).
-            examples: the examples to score (at least one).
-            max_new_tokens: generation cap; None uses ``default_max_new_tokens``.
+        """Generate one description per example (its first line); corpus BLEU and mean best-reference ROUGE-L (both
+        x100). Arguments as :meth:`Task.evaluate`.
 
         Returns:
             ``{"bleu", "rougeL"}`` and the predictions (first generated line of each); per example, BLEU's
             sufficient statistics (``bleu_stats``, see :func:`~peftlab.evaluation.metrics.bleu_statistics`) and
             ROUGE-L F1 (x100).
         """
-        if not examples:
-            raise ValueError(f"{self.name}: no examples to evaluate")
-        limit = max_new_tokens if max_new_tokens is not None else self.default_max_new_tokens
-        predictions = [first_line(text) for text in predictor.generate(examples, limit)]
-        references = [ex.references or [ex.target] for ex in examples]
+        predictions, references = self.generated_and_references(predictor, examples, max_new_tokens, first_line)
         rouge = rouge_l_per_example(predictions, references)
         metrics = {"bleu": corpus_bleu(predictions, references), "rougeL": mean_percent(rouge)}
         per_example = {"bleu_stats": bleu_statistics(predictions, references), "rougeL": percent_4(rouge)}
