@@ -27,6 +27,7 @@ from peftlab.models.targets import (  # noqa: F401  re-exported: methods read th
     CANONICAL_TARGETS,
     FAMILIES,
     FUSED_QKV_PARTS,
+    OutputWidth,
     resolve,
     valid_names,
 )
@@ -38,7 +39,7 @@ LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 BASE_TIED_ATTR = "_peftlab_base_tied"
 
 @dataclass(frozen=True)
-class TargetModule:
+class TargetModule(OutputWidth):
     """One linear layer (or an output slice of one) chosen by :func:`resolve_targets`.
 
     Attributes:
@@ -59,13 +60,6 @@ class TargetModule:
     part: str | None = None
     out_slice: tuple[int, int] | None = None
 
-    @property
-    def out_size(self) -> int:
-        """Width of the targeted output: the slice's, or the whole module's."""
-        if self.out_slice is None:
-            return self.out_features
-        return self.out_slice[1] - self.out_slice[0]
-
 
 def trunk(model: nn.Module) -> nn.Module:
     """The decoder stack including the final norm (``model.base_model``); its output has ``last_hidden_state``."""
@@ -75,12 +69,15 @@ def trunk(model: nn.Module) -> nn.Module:
     return base
 
 
+def _present(module: nn.Module | None, model: nn.Module, what: str) -> nn.Module:
+    if module is None:
+        raise TypeError(f"{type(model).__name__} has no {what}")
+    return module
+
+
 def output_head(model: nn.Module) -> nn.Module:
     """The LM head (``model.get_output_embeddings()``): hidden (B, T, d) -> logits (B, T, V)."""
-    head = model.get_output_embeddings()
-    if head is None:
-        raise TypeError(f"{type(model).__name__} has no output head")
-    return head
+    return _present(model.get_output_embeddings(), model, "output head")
 
 
 def output_head_name(model: nn.Module) -> str:
@@ -90,10 +87,7 @@ def output_head_name(model: nn.Module) -> str:
 
 def input_embeddings(model: nn.Module) -> nn.Embedding:
     """The token embedding (``model.get_input_embeddings()``): ids (B, T) -> (B, T, d)."""
-    emb = model.get_input_embeddings()
-    if emb is None:
-        raise TypeError(f"{type(model).__name__} has no input embeddings")
-    return emb
+    return _present(model.get_input_embeddings(), model, "input embeddings")
 
 
 def is_tied(model: nn.Module) -> bool:

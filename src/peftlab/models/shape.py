@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftlab.config import ConfigError
-from peftlab.models.targets import FUSED_QKV_PARTS, resolve
+from peftlab.models.targets import FUSED_QKV_PARTS, OutputWidth, resolve
 
 # model_type -> module-naming family of :data:`peftlab.models.arch.FAMILIES`.
 SHAPE_FAMILIES: dict[str, str] = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama",
@@ -43,7 +43,7 @@ class LinearShape:
 
 
 @dataclass(frozen=True)
-class TargetShape:
+class TargetShape(OutputWidth):
     """A resolved target without its module: the counterpart of :class:`peftlab.models.arch.TargetModule`."""
 
     name: str
@@ -51,11 +51,6 @@ class TargetShape:
     out_features: int
     part: str | None = None
     out_slice: tuple[int, int] | None = None
-
-    @property
-    def out_size(self) -> int:
-        """Width of the targeted output: the slice's, or the whole module's."""
-        return self.out_features if self.out_slice is None else self.out_slice[1] - self.out_slice[0]
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,19 @@ class Linear(Protocol):
     out_features: int
 
 
+class OutputWidth:
+    """``out_size`` of a resolved target (a dataclass with ``out_features`` and ``out_slice``): what
+    :class:`~peftlab.models.arch.TargetModule` and :class:`~peftlab.models.shape.TargetShape` compute alike."""
+
+    out_features: int
+    out_slice: tuple[int, int] | None
+
+    @property
+    def out_size(self) -> int:
+        """Width of the targeted output: the slice's, or the whole module's."""
+        return self.out_features if self.out_slice is None else self.out_slice[1] - self.out_slice[0]
+
+
 L = TypeVar("L", bound=Linear)
 # A resolved target: the layer, the canonical slice name (q/k/v of a fused layer) or None, and its output columns.
 Resolved = tuple[L, str | None, tuple[int, int] | None]
