@@ -26,10 +26,9 @@ class LohaLinear(DenseDeltaWrapper):
     """Wraps (never subclasses) an ``nn.Linear`` or GPT-2 ``Conv1D`` and adds one LoHa branch per output slice.
 
     Args:
-        base_layer: the frozen layer; kept as ``self.base_layer``.
-        slices: branch key -> (start, stop) output columns (``{"weight": (0, d_out)}`` for the whole layer).
+        base_layer, slices, fan_in_fan_out: the wrapped layer, as
+            :class:`~peftlab.methods.wrapped_linear.SlicedLinearWrapper` takes them.
         in_features: d_in of the base layer.
-        fan_in_fan_out: True when the base weight is stored (d_in, d_out) (``Conv1D``).
         r: rank of each factor.
         scaling: alpha / r.
     """

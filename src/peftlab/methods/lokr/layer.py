@@ -29,10 +29,9 @@ class LokrLinear(DenseDeltaWrapper):
     """Wraps (never subclasses) an ``nn.Linear`` or GPT-2 ``Conv1D`` and adds one LoKr branch per output slice.
 
     Args:
-        base_layer: the frozen layer; kept as ``self.base_layer``.
-        slices: branch key -> (start, stop) output columns (``{"weight": (0, d_out)}`` for the whole layer).
+        base_layer, slices, fan_in_fan_out: the wrapped layer, as
+            :class:`~peftlab.methods.wrapped_linear.SlicedLinearWrapper` takes them.
         shapes: branch key -> its :class:`KronShape`.
-        fan_in_fan_out: True when the base weight is stored (d_in, d_out) (``Conv1D``).
         r: rank of the factored factors.
         scaling: alpha / r.
     """

@@ -44,10 +44,9 @@ class VeraLinear(DenseDeltaWrapper):
     """Wraps (never subclasses) an ``nn.Linear`` or GPT-2 ``Conv1D`` and adds a VeRA branch (module docstring).
 
     Args:
-        base_layer: the frozen layer; kept as ``self.base_layer``.
-        slices: branch key -> (start, stop) output columns (``{"weight": (0, d_out)}`` for the whole layer).
+        base_layer, slices, fan_in_fan_out: the wrapped layer, as
+            :class:`~peftlab.methods.wrapped_linear.SlicedLinearWrapper` takes them.
         in_features: d_in of the base layer.
-        fan_in_fan_out: True when the base weight is stored (d_in, d_out) (``Conv1D``).
         projection_a: the shared A (r, max d_in); held as a non-persistent buffer (the model's state dict is the
             base model's).
         projection_b: the shared B (max d_out, r).
