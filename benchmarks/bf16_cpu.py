@@ -29,7 +29,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
@@ -38,6 +37,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from bench_common import benchmark_parser, parse_benchmark_args
 
 import peftlab.evaluation.generate as generate_module
 from peftlab.config import load_config
@@ -245,7 +245,7 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, threads=2, repeats_help="rounds of the evaluation parts")
     parser.add_argument("--parts", default="train,score,generate")
     parser.add_argument("--methods", default="lora,prompt-tuning")
     parser.add_argument("--workloads", default="cnndm,imdb")
@@ -253,11 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reviews", type=int, default=64)
     parser.add_argument("--articles", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of the evaluation parts")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-root", default="../shared/data")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser, argv)
     print(machine())
     parts = args.parts.split(",")
     if "train" in parts:

@@ -15,12 +15,12 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable, Sequence
 
 import torch
+from bench_common import add_workload_options, benchmark_parser, parse_benchmark_args
 
 from peftlab.config import RunConfig
 from peftlab.data.dataset import load_examples
@@ -61,18 +61,11 @@ def timed(decode: Callable[..., list[list[int]]], batches: list[list[list[int]]]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="../shared/data/cnn_dailymail")
+    parser = benchmark_parser(__doc__)
+    add_workload_options(parser, data="../shared/data/cnn_dailymail", examples=32, batch_size=16)
     parser.add_argument("--task", default="summarization")
-    parser.add_argument("--examples", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser, argv)
     cfg = RunConfig()
     cfg.model.name, cfg.task.name, cfg.data.path = args.model, args.task, args.data
     cfg.validate()

@@ -18,11 +18,11 @@ tokens), medians of ``--repeats`` timings of the first batch.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
+from bench_common import add_workload_options, benchmark_parser, parse_benchmark_args
 
 from peftlab.config import MethodConfig, RunConfig
 from peftlab.data.batching import collate
@@ -72,17 +72,12 @@ def batch_breakdown(predictor: ModelPredictor, examples: list, labels: list[str]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="../shared/data/imdb")
-    parser.add_argument("--examples", type=int, default=64, help="test reviews scored per timing")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences (before) / prompts (after) per batch")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0)
+    parser = benchmark_parser(__doc__)
+    add_workload_options(parser, data="../shared/data/imdb", examples=64, batch_size=8,
+                         examples_help="test reviews scored per timing",
+                         batch_help="sequences (before) / prompts (after) per batch")
     parser.add_argument("--method", default="zero-shot", help="zero-shot, or a method name with default options")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser, argv)
     cfg = RunConfig()
     cfg.model.name, cfg.task.name, cfg.data.path = args.model, "classification", args.data
     if args.method != "zero-shot":
