@@ -200,6 +200,32 @@ def test_report_has_a_significance_section_and_says_when_it_is_omitted(tmp_path)
     assert "<h3 id=\"significance-test-split\">Significance (test split)</h3>" in html and "n.s." in html
 
 
+def test_sweep_heatmaps_show_each_cells_interval_over_examples(tmp_path, monkeypatch):
+    from peftlab.lab import plots
+
+    rng, task = np.random.default_rng(3), tmp_path / "classification"
+    for variant, n, p in [("d0", 16, 0.7), ("d0", 64, 0.8), ("d1", 16, 0.6), ("d1", 64, 0.9)]:
+        right = rng.random(200) < p
+        _result(task, "lora", n, 0, right)
+        path = task / f"lora--default--n{n}--seed0.json"
+        data = json.loads(path.read_text())
+        data["grid"]["variant"] = variant
+        (task / f"lora--{variant}--n{n}--seed0.json").write_text(json.dumps(data))
+        path.unlink()
+    drawn = {}
+
+    def heatmap(rows, cols, values, *args, intervals=None, **kwargs):
+        drawn.update(rows=rows, cols=cols, values=values, intervals=intervals)
+        return None
+
+    monkeypatch.setattr(plots, "heatmap", heatmap)
+    write_report(tmp_path, tmp_path / "out")
+    assert drawn["rows"] == ["d0", "d1"] and drawn["cols"] == ["16", "64"]
+    for values, intervals in zip(drawn["values"], drawn["intervals"], strict=True):
+        for value, (low, high) in zip(values, intervals, strict=True):
+            assert low < value < high and high - low < 20  # a 95% interval over 200 examples of one seed
+
+
 def test_significance_blocks_leave_out_old_cells_and_name_them(tmp_path):
     root = _results(tmp_path)
     _result(root / "classification", "ia3", 16, 0, None)  # one old cell among new ones

@@ -196,8 +196,10 @@ def metric_vs_n(series: dict[str, list[tuple[float, float, float | None]]], metr
 
 
 def heatmap(row_labels: Sequence[str], col_labels: Sequence[str], values: Sequence[Sequence[float | None]],
-            title: str, row_name: str, col_name: str) -> bytes | None:
-    """A two-factor sweep (e.g. virtual tokens x N) as a heatmap; missing cells stay blank."""
+            title: str, row_name: str, col_name: str,
+            intervals: Sequence[Sequence[tuple[float, float] | None]] | None = None) -> bytes | None:
+    """A two-factor sweep (e.g. virtual tokens x N) as a heatmap; missing cells stay blank. ``intervals``: per cell
+    an optional (low, high), written under the cell's value."""
     if len(row_labels) < 2 or len(col_labels) < 2:
         return None
     grid = [[math.nan if v is None else v for v in row] for row in values]
@@ -210,7 +212,9 @@ def heatmap(row_labels: Sequence[str], col_labels: Sequence[str], values: Sequen
     for r, row in enumerate(grid):
         for c, v in enumerate(row):
             if not math.isnan(v):  # dark text on the bright (high) end of viridis, light text on the dark end
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                interval = intervals[r][c] if intervals is not None else None
+                text = f"{v:.2f}" if interval is None else f"{v:.2f}\n[{interval[0]:.1f}, {interval[1]:.1f}]"
+                ax.text(c, r, text, ha="center", va="center", fontsize=8,
                         color="black" if v > middle else "white")
     ax.set_xticks(range(len(col_labels)), col_labels)
     ax.set_yticks(range(len(row_labels)), row_labels)

@@ -35,7 +35,7 @@ from peftlab.lab.result_record import (
     TrainInfo,
     read_result,
 )
-from peftlab.lab.significance import significance_blocks, with_example_intervals
+from peftlab.lab.significance import example_intervals, significance_blocks, with_example_intervals
 from peftlab.lab.table import METRIC_ORDER, format_bytes, format_count
 
 STEM_RE = re.compile(r"(?P<method>.+?)--(?P<variant>.+?)--n(?P<n>\d+|all)--seed(?P<seed>\d+)")
@@ -386,14 +386,19 @@ def plot_blocks(task: str, groups: list[Group], split: str, metrics: list[str]) 
         if g.n_train > 0:
             sweeps.setdefault(g.label.rsplit(" N=", 1)[0], []).append((g.n_train, s.mean, s.half))
     figures.append(("n-sweep", plots.metric_vs_n(sweeps, primary), f"{primary} vs number of training examples."))
+    intervals = example_intervals([g for g, _ in scored], split, primary)
     for method in dict.fromkeys(g.method for g, _ in scored if g.n_train > 0):
-        cells = {(g.variant, g.n_train): s.mean for g, s in scored if g.method == method and g.n_train > 0}
-        if len(cells) < 2:  # one cell is not a sweep
+        sweep = {(g.variant, g.n_train): (s.mean, intervals.get(id(g))) for g, s in scored
+                 if g.method == method and g.n_train > 0}
+        if len(sweep) < 2:  # one cell is not a sweep
             continue
-        rows, cols = sorted({v for v, _ in cells}, key=_natural), sorted({n for _, n in cells})
-        png = plots.heatmap(rows, [str(n) for n in cols], [[cells.get((r, c)) for c in cols] for r in rows],
-                            f"{method}: {primary}", "variant", "N")
-        figures.append((f"heatmap-{slug(method)}", png, f"{method}: {primary} (mean over seeds), variant x N."))
+        rows, cols = sorted({v for v, _ in sweep}, key=_natural), sorted({n for _, n in sweep})
+        cells = [[sweep.get((r, c), (None, None)) for c in cols] for r in rows]
+        png = plots.heatmap(rows, [str(n) for n in cols], [[mean for mean, _ in row] for row in cells],
+                            f"{method}: {primary}", "variant", "N",
+                            intervals=[[(iv.low, iv.high) if iv else None for _, iv in row] for row in cells])
+        figures.append((f"heatmap-{slug(method)}", png, f"{method}: {primary} (mean over seeds), variant x N; "
+                        "under each mean its 95% bootstrap interval over test examples (seeds pooled)."))
     return [Image(f"{slug(task)}-{name}.png", png, caption) for name, png, caption in figures if png is not None]
 
 

@@ -416,21 +416,23 @@ def report_cells(groups: Sequence[Group], split: str) -> tuple[list[tuple[Group,
     return cells, left_out
 
 
+def example_intervals(groups: Sequence[Group], split: str, metric: str, resamples: int = DEFAULT_RESAMPLES,
+                      seed: int = DEFAULT_SEED) -> dict[int, Interval]:
+    """``id(group) -> interval``: each group's 95% bootstrap interval over test examples (seeds pooled), for the
+    groups whose result files hold per-example scores of ``metric``."""
+    return {id(group): cell_interval(cell, metric, resamples, seed) for group, cell in report_cells(groups, split)[0]
+            if metric in available_metrics(cell)}
+
+
 def with_example_intervals(table: Table, groups: Sequence[Group], split: str, metrics: Sequence[str],
                            resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> Table:
     """The summary table with a "<primary> 95% CI (examples)" column after the primary metric's: each cell's
     bootstrap interval over test examples (seeds pooled); unchanged when no group has per-example records."""
     if not metrics or metrics[0] not in table.headers:
         return table
-    metric, by_group = metrics[0], dict((id(g), c) for g, c in report_cells(groups, split)[0])
-    texts = []
-    for group in groups:
-        cell = by_group.get(id(group))
-        if cell is None or metric not in available_metrics(cell):
-            texts.append("-")
-            continue
-        interval = cell_interval(cell, metric, resamples, seed)
-        texts.append(f"[{interval.low:.2f}, {interval.high:.2f}]")
+    metric = metrics[0]
+    intervals = example_intervals(groups, split, metric, resamples, seed)
+    texts = [f"[{iv.low:.2f}, {iv.high:.2f}]" if (iv := intervals.get(id(group))) else "-" for group in groups]
     if all(text == "-" for text in texts):
         return table
     at = table.headers.index(metric) + 1
