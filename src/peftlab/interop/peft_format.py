@@ -144,6 +144,12 @@ def base_module_names(model: nn.Module, wrappers: dict[str, nn.Module]) -> list[
     return names
 
 
+def peft_target_modules(model: nn.Module, layers: dict[str, nn.Module]) -> list[str]:
+    """The fewest ``target_modules`` names with which PEFT wraps exactly the method's wrapped ``layers`` of
+    ``model`` (PEFT's list rule, over the base model's modules)."""
+    return minimal_names(list(layers), base_module_names(model, layers), peft_list_match)
+
+
 def prompt_learning_shape(model: nn.Module) -> dict[str, int]:
     """The model dimensions a PEFT prompt-learning config records (decoder-only: one transformer sub-module)."""
     return {"num_transformer_submodules": 1, "num_layers": len(transformer_blocks(model)),

@@ -23,6 +23,7 @@ from peftlab.interop.peft_format import (
     minimal_names,
     peft_list_match,
     peft_suffix_match,
+    peft_target_modules,
     required,
 )
 from peftlab.models.arch import resolve_targets
@@ -37,13 +38,13 @@ def export_ia3(method: Any, base: str | None) -> Exported:
         else:
             vector = layer.output_scale().detach().view(-1, 1)  # ones on the untouched slices
         state[f"{PEFT_KEY_PREFIX}{name}.ia3_l"] = vector
-    universe = base_module_names(method.model, layers)
     feedforward = [n for n, layer in layers.items() if layer.feedforward]
     options = {
-        "target_modules": minimal_names(list(layers), universe, peft_list_match),
+        "target_modules": peft_target_modules(method.model, layers),
         # PEFT matches feedforward names as plain suffixes, peftlab as dotted ones: names that select the same
         # modules under the looser rule (over every module) select them under both.
-        "feedforward_modules": minimal_names(feedforward, universe, peft_suffix_match),
+        "feedforward_modules": minimal_names(feedforward, base_module_names(method.model, layers),
+                                             peft_suffix_match),
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "init_ia3_weights": True, "exclude_modules": None,
     }

@@ -13,18 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from peftlab.interop.peft_format import (
-    PEFT_KEY_PREFIX,
-    Exported,
-    PeftConverter,
-    base_module_names,
-    minimal_names,
-    peft_list_match,
-    require_linear_layers,
-    required,
-)
+from peftlab.interop.peft_format import Exported, PeftConverter
+from peftlab.methods.lycoris_peft import export_lycoris, import_lycoris
 
 
 class LohaConverter(PeftConverter):
@@ -35,17 +25,7 @@ class LohaConverter(PeftConverter):
     ignored = frozenset({"init_weights", "rank_dropout", "module_dropout", "use_effective_conv2d"})
 
     def export(self, method: Any, base: str | None) -> Exported:
-        layers = method.layers
-        require_linear_layers(layers, self.peft_type)
-        state: dict[str, torch.Tensor] = {f"{PEFT_KEY_PREFIX}{k}": v for k, v in method.trainable_parameters().items()}
-        options = {"r": method.config.r, "alpha": method.config.alpha,
-                   "target_modules": minimal_names(list(layers), base_module_names(method.model, layers),
-                                                   peft_list_match),
-                   "rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True, "use_effective_conv2d": False,
-                   "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None, "layers_to_transform": None,
-                   "layers_pattern": None}
-        return options, state
+        return export_lycoris(method, self.peft_type, {})
 
     def import_options(self, config: dict[str, Any], where: Path) -> dict[str, Any]:
-        return {"r": required(config, "r", where), "alpha": required(config, "alpha", where),
-                "target_modules": required(config, "target_modules", where)}
+        return import_lycoris(config, where)

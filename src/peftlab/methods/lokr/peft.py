@@ -14,16 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from peftlab.interop.peft_format import (
-    PEFT_KEY_PREFIX,
-    Exported,
-    PeftConverter,
-    base_module_names,
-    minimal_names,
-    peft_list_match,
-    require_linear_layers,
-    required,
-)
+from peftlab.interop.peft_format import Exported, PeftConverter
+from peftlab.methods.lycoris_peft import export_lycoris, import_lycoris
 
 
 class LokrConverter(PeftConverter):
@@ -35,20 +27,11 @@ class LokrConverter(PeftConverter):
                          "use_effective_conv2d"})
 
     def export(self, method: Any, base: str | None) -> Exported:
-        cfg, layers = method.config, method.layers
-        require_linear_layers(layers, self.peft_type)
-        state = {f"{PEFT_KEY_PREFIX}{k}": v for k, v in method.trainable_parameters().items()}
-        options = {"r": cfg.r, "alpha": cfg.alpha, "decompose_factor": cfg.decompose_factor,
-                   "decompose_both": cfg.decompose_both,
-                   "target_modules": minimal_names(list(layers), base_module_names(method.model, layers),
-                                                   peft_list_match),
-                   "rank_dropout": 0.0, "module_dropout": 0.0, "rank_dropout_scale": False, "init_weights": True,
-                   "use_effective_conv2d": False, "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None,
-                   "layers_to_transform": None, "layers_pattern": None}
-        return options, state
+        cfg = method.config
+        return export_lycoris(method, self.peft_type, {"decompose_factor": cfg.decompose_factor,
+                                                       "decompose_both": cfg.decompose_both,
+                                                       "rank_dropout_scale": False})
 
     def import_options(self, config: dict[str, Any], where: Path) -> dict[str, Any]:
-        return {"r": required(config, "r", where), "alpha": required(config, "alpha", where),
-                "target_modules": required(config, "target_modules", where),
-                "decompose_factor": config.get("decompose_factor", -1),
+        return {**import_lycoris(config, where), "decompose_factor": config.get("decompose_factor", -1),
                 "decompose_both": bool(config.get("decompose_both"))}

@@ -19,15 +19,7 @@ from typing import Any
 
 import torch
 
-from peftlab.interop.peft_format import (
-    PEFT_KEY_PREFIX,
-    Exported,
-    PeftConverter,
-    base_module_names,
-    minimal_names,
-    peft_list_match,
-    required,
-)
+from peftlab.interop.peft_format import PEFT_KEY_PREFIX, Exported, PeftConverter, peft_target_modules, required
 
 # PEFT's model-level keys of the shared projections (not under base_model.model.); ours are vera_A / vera_B.
 PEFT_PROJECTION_KEYS = {"base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
@@ -42,8 +34,7 @@ def export_vera(method: Any, base: str | None) -> Exported:
     for peft_key, ours in PEFT_PROJECTION_KEYS.items():  # always saved: an export must not depend on a generator
         state[peft_key] = getattr(next(iter(layers.values())), ours)
     options = {
-        "r": cfg.r, "target_modules": minimal_names(list(layers), base_module_names(method.model, layers),
-                                                    peft_list_match),
+        "r": cfg.r, "target_modules": peft_target_modules(method.model, layers),
         "projection_prng_key": cfg.projection_prng_key, "save_projection": True, "vera_dropout": cfg.dropout,
         "d_initial": cfg.d_initial, "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "bias": "none", "init_weights": True, "layers_to_transform": None, "layers_pattern": None,
