@@ -16,7 +16,7 @@ LATEST_VENV ?= .venv-latest
 TOOLS_VENV ?= .venv-tools
 PIP_TOOLS := pip-tools==7.6.2
 
-.PHONY: setup browser demo test test-latest lock lint clean
+.PHONY: setup browser demo test test-slow test-latest lock lint clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The tests marked slow (minutes each: inductor compiling the decode step), which `make test` skips.
+test-slow: $(STAMP)
+	PEFTLAB_SLOW_TESTS=1 $(BIN)/python -m pytest -q -m slow
 
 # The newest releases inside pyproject.toml's ranges, in a throw-away environment; torch is held at the machine's
 # CPU build by requirements/pins.in as a constraint (an eager upgrade would otherwise pull a multi-GB CUDA build).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,17 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VOCAB = 96
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``slow`` (minutes each, e.g. inductor compiling C++) are skipped unless ``PEFTLAB_SLOW_TESTS=1``:
+    the default run stays fast, and the skip says how to run them."""
+    if os.environ.get("PEFTLAB_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow; PEFTLAB_SLOW_TESTS=1 runs it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,13 @@ def test_bad_values_fail_with_the_key(override, fragment):
     assert fragment in str(err.value)
 
 
+def test_eval_compile_needs_continuous_greedy_decoding():
+    assert load_config(None, ["eval.compile=true"]).eval.continuous_batching  # the default
+    for other in ("eval.continuous_batching=false", "eval.num_beams=2"):
+        with pytest.raises(ConfigError, match="eval.compile: compiles the greedy decode step"):
+            load_config(None, ["eval.compile=true", other])
+
+
 def test_prompt_tuning_n_tokens_must_be_positive():
     with pytest.raises(ConfigError, match="n_tokens"):
         load_config(None, ["method=prompt-tuning", "method.n_tokens=0"])

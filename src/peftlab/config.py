@@ -177,6 +177,10 @@ class EvalConfig:
     batch_size: int = opt(16, "prompts per generation batch")
     num_beams: int = opt(1, "1: greedy decoding; >1: beam search")
     max_new_tokens: int | None = opt(None, "generation length cap; default: the task's own")
+    continuous_batching: bool = opt(True, "greedy decoding refills a batch's finished rows with waiting prompts, so "
+                                          "the batch stays full (false: one length-sorted batch after another)")
+    compile: bool = opt(False, "torch.compile (inductor) the greedy decode step (needs continuous_batching); off "
+                               "until measured to pay on the machine at hand (BENCHMARKS.md)")
     splits: list[str] = opt(["test"], "splits to evaluate after training")
     show_examples: int = opt(5, "generated examples stored in the result and printed")
     forgetting_data: str | None = opt(None, "out-of-task text for the forgetting cross-entropy before/after training "
@@ -190,6 +194,9 @@ class EvalConfig:
         check(self.batch_size > 0, f"{prefix}.batch_size", "must be > 0")
         check(self.num_beams > 0, f"{prefix}.num_beams", "must be > 0")
         check(self.max_new_tokens is None or self.max_new_tokens > 0, f"{prefix}.max_new_tokens", "must be > 0")
+        check(not self.compile or (self.continuous_batching and self.num_beams == 1), f"{prefix}.compile",
+              "compiles the greedy decode step of continuous batching: needs eval.continuous_batching=true and "
+              "eval.num_beams=1")
         check(self.show_examples >= 0, f"{prefix}.show_examples", "must be >= 0")
         check(self.forgetting_examples > 0, f"{prefix}.forgetting_examples", "must be > 0")
         check(self.forgetting_tokens >= 2, f"{prefix}.forgetting_tokens", "must be >= 2")

@@ -1,16 +1,19 @@
 """Batched generation with a KV cache, and label scoring: the :class:`~peftlab.tasks.base.Predictor` the tasks use.
 
-Prompts are sorted by length and left-padded per batch; position ids come from the cumulative attention mask (as
+Prompts are sorted by length and left-padded per prefill; position ids come from the cumulative attention mask (as
 Hugging Face ``generate`` computes them), so left padding and prepended virtual tokens do not shift positions. The
 method's ``prepare_inputs`` runs once for the prefill step (where soft prompts enter); decoding steps feed one token
 per sequence with the cache, and the output head is applied to the last position only (``logits_to_keep=1``).
-Greedy decoding uses this loop; beam search goes through ``model.generate`` on the same prepared inputs.
+Greedy decoding uses continuous batching by default (:func:`continuous_greedy_generate`: a finished row takes the
+next waiting prompt), optionally with the decode step compiled; :func:`greedy_generate` decodes one batch until all
+its rows finish. Beam search goes through ``model.generate`` on the same prepared inputs.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +23,7 @@ from tqdm.auto import tqdm
 
 from peftlab.data.batching import left_pad
 from peftlab.data.encode import PromptEncoder
-from peftlab.evaluation.kv_cache import keep_rows, preallocate
+from peftlab.evaluation.kv_cache import fill_rows, keep_rows, preallocate, to_slots
 from peftlab.methods.base import PeftMethod
 from peftlab.models.loading import frozen_matmul_weights_in_bf16
 from peftlab.tasks.base import Example
@@ -67,6 +70,34 @@ def prefill(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id: int, d
     return Prefilled(out.cache, out.logits[:, -1], attention_mask, position_ids[:, -1:])
 
 
+def decode_step(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                cache: Any) -> torch.Tensor:
+    """One decoding step: ``input_ids`` (B, 1) on top of ``cache``; returns the next-token logits (B, V).
+
+    ``attention_mask`` covers every cached column and the new one; only the last position reaches the head.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+_compiled_decode_step: Callable[..., torch.Tensor] | None = None
+
+
+def compiled_decode_step() -> Callable[..., torch.Tensor]:
+    """:func:`decode_step` under ``torch.compile`` (inductor), built once per process.
+
+    Dynamo keeps the compiled code with ``decode_step``'s code object, guarded on the shapes it saw: with a static
+    slot cache (:class:`~peftlab.evaluation.kv_cache.Slots`) every step of a batch has the same shapes, so it
+    compiles on the first step and again only when the shapes change (a new number of rows once finished rows
+    are dropped, a new cache capacity: after the second such change dynamo marks that dimension dynamic).
+    """
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(decode_step)
+    return _compiled_decode_step
+
+
 @torch.no_grad()
 def greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id: int, eos_ids: set[int],
                     max_new_tokens: int, device: torch.device, drop_fraction: float = 0.25) -> list[list[int]]:
@@ -77,12 +108,17 @@ def greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id
     ``drop_fraction`` of the live rows have finished they are dropped from the batch (the cache keeps the others'
     rows), so a batch stops paying for rows that wait for its longest output. ``drop_fraction=0`` keeps every row.
     """
-    model = method.model
     state = prefill(method, prompts, pad_id, device)
+    return decode_prefilled(method, state, pad_id, eos_ids, max_new_tokens, device, drop_fraction)
+
+
+def decode_prefilled(method: PeftMethod, state: Prefilled, pad_id: int, eos_ids: set[int], max_new_tokens: int,
+                     device: torch.device, drop_fraction: float = 0.25) -> list[list[int]]:
+    """The decoding loop of :func:`greedy_generate` from a prefilled batch: one list of tokens per row."""
     cache, logits, attention_mask, position = state.cache, state.logits, state.attention_mask, state.position
     droppable = preallocate(cache, max_new_tokens) and drop_fraction > 0
-    outputs: list[list[int]] = [[] for _ in prompts]
-    live = list(range(len(prompts)))  # the prompt index of each row still in the batch
+    outputs: list[list[int]] = [[] for _ in range(len(logits))]
+    live = list(range(len(logits)))  # the prompt index of each row still in the batch
     eos = torch.tensor(sorted(eos_ids), device=device)
     for step in range(max_new_tokens):
         next_token = logits.argmax(-1)  # (B',)
@@ -102,10 +138,130 @@ def greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id
                 outputs[live[i]].append(pad_id)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=1)
         position = position + 1
-        out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position,
-                    cache=cache, use_cache=True, logits_to_keep=1)
-        cache, logits = out.cache, out.logits[:, -1]
+        logits = decode_step(method.model, next_token[:, None], attention_mask, position, cache)
     return [_cut_at_eos(row, eos_ids) for row in outputs]
+
+
+@torch.no_grad()
+def continuous_greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id: int, eos_ids: set[int],
+                               max_new_tokens: int, device: torch.device, batch_size: int,
+                               drop_fraction: float = 0.25, compile_step: bool = False) -> list[list[int]]:
+    """Greedy continuations of every prompt, decoded ``batch_size`` rows at a time with continuous batching.
+
+    The first ``batch_size`` prompts are prefilled together (:func:`prefill`) and their cache becomes a slot cache
+    (:func:`~peftlab.evaluation.kv_cache.to_slots`: one sequence per row, each at its own length and position).
+    When rows finish (eos or ``max_new_tokens``), the next waiting prompts are prefilled as one group and copied
+    into the freed rows, whose first token comes from that prefill; so the batch stays full until the queue is
+    empty, and only then are finished rows dropped (as in :func:`greedy_generate`, once ``drop_fraction`` of the
+    rows have finished). Each row keeps its own position ids and attention mask, so a row's tokens are those of
+    the prompt decoded alone. Returns the continuations in the order of ``prompts`` (pass them sorted by length:
+    rows then finish at similar times and a newcomer is never much longer than the batch).
+
+    ``compile_step`` runs each decode step through :func:`compiled_decode_step` over the slot cache's full
+    capacity (fixed shapes). A model whose cache is not plain (sliding-window layers, ...) falls back to
+    :func:`greedy_generate` one batch at a time.
+    """
+    if not prompts:
+        return []
+    queue = deque(range(len(prompts)))
+    first = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
+    state = prefill(method, [prompts[i] for i in first], pad_id, device)
+    virtual = state.attention_mask.shape[1] - max(len(prompts[i]) for i in first)  # soft prompt or prefix
+    capacity = virtual + max(len(p) for p in prompts) + max_new_tokens
+    slots = to_slots(state.cache, state.attention_mask, capacity, static=compile_step)
+    if slots is None:
+        return _batch_after_batch(method, prompts, state, first, list(queue), pad_id, eos_ids, max_new_tokens,
+                                  device, batch_size, drop_fraction)
+    step = compiled_decode_step() if compile_step else decode_step
+    batch = _Rows(first, [0] * len(first), eos_ids, max_new_tokens, [[] for _ in prompts])
+    next_token, position = state.logits.argmax(-1), state.position.clone()  # (R,), (R, 1)
+    batch.take(range(len(first)), next_token.tolist())
+    progress = tqdm(total=len(prompts), desc="generate", unit="prompt", leave=False, mininterval=2.0)
+    while True:
+        while queue and (free := batch.free()):  # refill; a newcomer may end at its first token and free its row
+            newcomers = [queue.popleft() for _ in range(min(len(free), len(queue)))]
+            rows = free[:len(newcomers)]
+            new = prefill(method, [prompts[i] for i in newcomers], pad_id, device)
+            fill_rows(state.cache, slots, rows, new.cache, new.attention_mask)
+            index = torch.tensor(rows, device=device)
+            next_token[index], position[index] = new.logits.argmax(-1), new.position
+            batch.start(rows, newcomers)
+            batch.take(rows, next_token[index].tolist())
+        live = batch.live()
+        if not live:
+            break
+        finished = len(batch.prompt) - len(live)  # rows without a prompt: the queue is empty
+        if drop_fraction > 0 and finished and finished >= max(1.0, drop_fraction * len(batch.prompt)):
+            keep = torch.tensor(live, device=device)
+            keep_rows(state.cache, keep)
+            slots.keep(keep)
+            next_token, position = next_token[keep], position[keep]
+            batch.keep(live)
+        advancing = torch.tensor([p is not None for p in batch.prompt], device=device)
+        next_token = torch.where(advancing, next_token, pad_id)  # a finished row kept in the batch is fed padding
+        position = position + advancing[:, None]
+        logits = step(method.model, next_token[:, None], slots.begin_step(), position, state.cache)
+        slots.end_step(advancing)
+        next_token = logits.argmax(-1)
+        live = batch.live()
+        batch.take(live, next_token[torch.tensor(live, device=device)].tolist())
+        progress.update(batch.finished - progress.n)
+    progress.close()
+    return batch.outputs
+
+
+def _batch_after_batch(method: PeftMethod, prompts: Sequence[Sequence[int]], state: Prefilled, first: list[int],
+                       rest: list[int], pad_id: int, eos_ids: set[int], max_new_tokens: int, device: torch.device,
+                       batch_size: int, drop_fraction: float) -> list[list[int]]:
+    """What :func:`continuous_greedy_generate` does for a cache it cannot turn into slots: ``first`` (prefilled as
+    ``state``) decoded as one batch, then ``rest`` in batches of ``batch_size``, as :func:`greedy_generate` does."""
+    outputs: list[list[int]] = [[] for _ in prompts]
+    rows = decode_prefilled(method, state, pad_id, eos_ids, max_new_tokens, device, drop_fraction)
+    for start in range(0, len(rest), batch_size):
+        rows += greedy_generate(method, [prompts[i] for i in rest[start:start + batch_size]], pad_id, eos_ids,
+                                max_new_tokens, device, drop_fraction)
+    for i, row in zip([*first, *rest], rows, strict=True):
+        outputs[i] = row
+    return outputs
+
+
+@dataclass
+class _Rows:
+    """The rows of a continuous batch: which prompt each row holds (None once it finished) and what it generated.
+
+    ``outputs`` is indexed by prompt; a row's eos token is not stored. ``finished`` counts the prompts done.
+    """
+
+    prompt: list[int | None]
+    made: list[int]
+    eos_ids: set[int]
+    max_new_tokens: int
+    outputs: list[list[int]]
+    finished: int = 0
+
+    def live(self) -> list[int]:
+        return [row for row, p in enumerate(self.prompt) if p is not None]
+
+    def free(self) -> list[int]:
+        return [row for row, p in enumerate(self.prompt) if p is None]
+
+    def start(self, rows: Sequence[int], prompts: Sequence[int]) -> None:
+        for row, p in zip(rows, prompts, strict=True):
+            self.prompt[row], self.made[row] = p, 0
+
+    def take(self, rows: Iterable[int], tokens: Sequence[int]) -> None:
+        """Append each row's new token to its prompt's output; a row ends at eos or at ``max_new_tokens``."""
+        for row, token in zip(rows, tokens, strict=True):
+            p = self.prompt[row]
+            if token not in self.eos_ids:
+                self.outputs[p].append(token)
+                self.made[row] += 1
+            if token in self.eos_ids or self.made[row] == self.max_new_tokens:
+                self.prompt[row] = None
+                self.finished += 1
+
+    def keep(self, rows: Sequence[int]) -> None:
+        self.prompt, self.made = [self.prompt[r] for r in rows], [self.made[r] for r in rows]
 
 
 @torch.no_grad()
@@ -170,19 +326,26 @@ class ModelPredictor:
         method: the applied method (``method.model`` is used in eval mode).
         tokenizer: the model's tokenizer.
         encoder: builds prompt and target token ids exactly as in training.
-        batch_size: prompts per batch.
+        batch_size: prompts per batch (rows of the continuous batch).
         num_beams: 1 for greedy decoding, more for beam search.
         device: where the model lives.
         autocast_bf16: run under bfloat16 autocast, with the frozen matmul weights cast to bf16 once per call
             instead of at every forward (:func:`~peftlab.models.loading.frozen_matmul_weights_in_bf16`: the same
             numbers as plain autocast, and decode steps no longer pay a cast of the whole model each).
+        continuous_batching: greedy decoding refills finished rows with waiting prompts
+            (:func:`continuous_greedy_generate`); False decodes one length-sorted batch after another
+            (:func:`greedy_generate`), as before it existed.
+        compile_decode: with continuous batching, run each decode step through ``torch.compile``
+            (:func:`compiled_decode_step`).
     """
 
     def __init__(self, method: PeftMethod, tokenizer, encoder: PromptEncoder, batch_size: int = 16,
-                 num_beams: int = 1, device: torch.device | str = "cpu", autocast_bf16: bool = False) -> None:
+                 num_beams: int = 1, device: torch.device | str = "cpu", autocast_bf16: bool = False,
+                 continuous_batching: bool = True, compile_decode: bool = False) -> None:
         self.method, self.tokenizer, self.encoder = method, tokenizer, encoder
         self.batch_size, self.num_beams, self.device = batch_size, num_beams, torch.device(device)
         self.autocast = autocast_bf16
+        self.continuous, self.compile_decode = continuous_batching, compile_decode
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = eos_token_ids(method.model, tokenizer)
 
@@ -196,25 +359,38 @@ class ModelPredictor:
             yield
 
     def generate(self, examples: Sequence[Example], max_new_tokens: int) -> list[str]:
-        prompts = self.encoder.encode_prompts(list(examples))
+        rows = self.generate_ids(self.encoder.encode_prompts(list(examples)), max_new_tokens)
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """The continuation (token ids, cut at eos) of every prompt (token ids), in the order given.
+
+        Prompts are decoded sorted by length, so rows of a batch have similar lengths and finish at similar times.
+        """
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        texts: list[str] = [""] * len(prompts)
         was_training = self.method.model.training
         self.method.model.eval()
         with self._precision():
-            for start in tqdm(range(0, len(order), self.batch_size), desc="generate", unit="batch", leave=False,
-                              mininterval=2.0):
-                idx = order[start:start + self.batch_size]
-                chunk = [prompts[i] for i in idx]
-                if self.num_beams > 1:
-                    rows = beam_generate(self.method, chunk, self.pad_id, self.eos_ids, max_new_tokens,
-                                         self.num_beams, self.device)
-                else:
-                    rows = greedy_generate(self.method, chunk, self.pad_id, self.eos_ids, max_new_tokens, self.device)
-                for i, row in zip(idx, rows, strict=True):
-                    texts[i] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+            if self.num_beams == 1 and self.continuous:
+                rows = continuous_greedy_generate(self.method, [prompts[i] for i in order], self.pad_id,
+                                                  self.eos_ids, max_new_tokens, self.device, self.batch_size,
+                                                  compile_step=self.compile_decode)
+            else:
+                rows = []
+                for start in tqdm(range(0, len(order), self.batch_size), desc="generate", unit="batch",
+                                  leave=False, mininterval=2.0):
+                    chunk = [prompts[i] for i in order[start:start + self.batch_size]]
+                    if self.num_beams > 1:
+                        rows += beam_generate(self.method, chunk, self.pad_id, self.eos_ids, max_new_tokens,
+                                              self.num_beams, self.device)
+                    else:
+                        rows += greedy_generate(self.method, chunk, self.pad_id, self.eos_ids, max_new_tokens,
+                                                self.device)
         self.method.model.train(was_training)
-        return texts
+        by_prompt: list[list[int]] = [[] for _ in prompts]
+        for i, row in zip(order, rows, strict=True):
+            by_prompt[i] = row
+        return by_prompt
 
     @torch.no_grad()
     def score_choices(self, examples: Sequence[Example], choices: Sequence[str]) -> list[list[float]]:
