@@ -6,7 +6,8 @@ What must hold whatever the timings: every worker reports the fields, all four s
 target tokens, the course recipe computed every position of max_length-padded batches, peftlab's and the expert
 Trainer's heads ran on target positions only (with the same loss as the plain Trainer's), the runs follow the
 rotated order, the statistics are what their definitions say on known inputs, and the evaluation-generation
-comparison tokenizes once and finds peftlab's outputs identical to PEFT's generate(), merged and unmerged.
+comparison tokenizes once and finds peftlab's outputs (batch after batch and continuous batching) identical to PEFT's
+generate(), merged and unmerged, token for token.
 """
 
 from __future__ import annotations
@@ -119,27 +120,36 @@ def test_generation_matches_peft_generate(tiny_llama_dir, tmp_path, monkeypatch,
     monkeypatch.setattr(PromptEncoder, "encode_prompts", lambda self, ex: calls.append(len(ex)) or encode(self, ex))
     result = _speed_module("gen_compare").main([
         "--model", str(tiny_llama_dir), "--method", method, "--examples", "3", "--batch-size", "2",
-        "--max-new-tokens", "6", "--data-root", str(tmp_path), "--threads", "1", "--repeats", "2", "--unmerged"])
+        "--max-new-tokens", "6", "--data-root", str(tmp_path), "--threads", "1", "--repeats", "2", "--unmerged",
+        "--variants", "batched,continuous,peft", "--profile", "2"])
     assert result["examples"] == 3 and result["generated_tokens"] > 0
     assert result["identical"], result["different"]
     assert calls == [3]  # tokenized once, before timing: warm-up, rounds and phases reuse the ids
     phases = ["unmerged", "merged"] if method == "lora-qv" else ["unmerged"]
     assert list(result["phases"]) == phases and result["peftlab_merged"] == (method == "lora-qv")
     for phase in result["phases"].values():
-        assert phase["order"] == ["peftlab", "peft", "peft", "peftlab"]  # rotated: each side leads once
-        assert len(phase["seconds"]["peftlab"]) == len(phase["ratios"]) == 2 and phase["repeatable"]
-        assert phase["n_different"] == 0
+        # rotated: each side leads once
+        assert phase["order"] == ["batched", "continuous", "peft", "continuous", "peft", "batched"]
+        assert sorted(phase["ratios"]) == ["batched/peft", "continuous/batched", "continuous/peft"]
+        assert len(phase["seconds"]["batched"]) == len(phase["ratios"]["continuous/peft"]) == 2
+        assert phase["repeatable"] and phase["graphs_compiled_in_timed_rounds"]["continuous"] == 0
+        assert phase["n_different"] == {"continuous vs batched": 0, "peft vs batched": 0, "batched vs peft": 0,
+                                        "continuous vs peft": 0}
+    profile = result["profile"]["continuous"]
+    assert abs(sum(profile["groups"].values()) - 1) < 1e-6 and profile["ops"] and profile["ms_per_step"] > 0
 
 
 def test_gen_compare_times_warmup_apart_and_rotates():
     timed_rounds = _speed_module("gen_compare").timed_rounds
     seen = []
-    sides = {"peftlab": lambda p: seen.append(("peftlab", len(p))) or ["x"] * len(p),
-             "peft": lambda p: seen.append(("peft", len(p))) or ["x"] * len(p)}
+    sides = {"continuous": lambda p: seen.append(("continuous", len(p))) or [[1]] * len(p),
+             "peft": lambda p: seen.append(("peft", len(p))) or [[1]] * len(p)}
     result = timed_rounds(sides, prompts=[[1], [2], [3]], warmup=[[1]], repeats=3)
-    assert seen[:2] == [("peftlab", 1), ("peft", 1)]  # untimed warm-up, one batch each
-    assert seen[2:] == [("peftlab", 3), ("peft", 3), ("peft", 3), ("peftlab", 3), ("peftlab", 3), ("peft", 3)]
-    assert len(result["ratios"]) == 3 and result["repeatable"]
+    assert seen[:2] == [("continuous", 1), ("peft", 1)]  # untimed warm-up, one batch each
+    assert seen[2:] == [("continuous", 3), ("peft", 3), ("peft", 3), ("continuous", 3), ("continuous", 3),
+                        ("peft", 3)]
+    assert list(result["ratios"]) == ["continuous/peft"] and len(result["ratios"]["continuous/peft"]) == 3
+    assert result["repeatable"]
 
 
 def test_run_order_rotates_the_start_each_repeat():
