@@ -163,6 +163,12 @@ def test_a_grid_records_predictions_and_the_report_shows_predicted_vs_actual(tmp
     md = to_markdown(build_blocks(tmp_path / "results"), "files")
     section = md.split("Predicted vs actual time")[1]
     assert "lora N=4" in section and "total" in section and "actual / predicted" in section
+    # Each run records its process's CPU time, and the report shows the share of its cores it had.
+    info = lora.run_info
+    assert 0 < info.cpu_seconds and "CPU share" in section
+    share = info.cpu_seconds / ((info.finished - info.started) * info.machine["torch_threads"])
+    row = next(line for line in section.splitlines() if line.startswith("| lora N=4"))
+    assert row.split("|")[6].strip() == f"{share:.0%}"
 
 
 def _tok(folder: Path):

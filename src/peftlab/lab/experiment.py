@@ -219,10 +219,21 @@ def evaluate_splits(setup: Setup, splits: list[str], merge: bool = True) -> Eval
     return done
 
 
-def _run_info(cfg: RunConfig, setup: Setup, command: str, started: float, commit: str | None) -> RunInfo:
+@dataclass(frozen=True)
+class RunStart:
+    """When a run started, by the wall clock and by this process's CPU clock, and the code it runs (the commit at
+    the start). The CPU seconds a run used, against its wall seconds, show how much of the machine it had: a run
+    pinned to one core with one thread that got all of it has cpu_seconds close to its wall time."""
+
+    wall: float = dataclasses.field(default_factory=time.time)
+    cpu: float = dataclasses.field(default_factory=time.process_time)
+    commit: str | None = dataclasses.field(default_factory=results.git_commit)
+
+
+def _run_info(cfg: RunConfig, setup: Setup, command: str, start: RunStart) -> RunInfo:
     return RunInfo(command=command, config=cfg.to_dict(), versions=results.package_versions(),
-                   machine=results.machine_info(setup.device), seed=cfg.train.seed, git_commit=commit,
-                   started=started, finished=time.time())
+                   machine=results.machine_info(setup.device), seed=cfg.train.seed, git_commit=start.commit,
+                   started=start.wall, finished=time.time(), cpu_seconds=time.process_time() - start.cpu)
 
 
 def _param_info(setup: Setup) -> dict[str, Any]:
@@ -239,14 +250,14 @@ def train_run(cfg: RunConfig, command: str = "",
     Under ``torchrun``/``accelerate launch`` every rank trains its share of each (global) batch; rank 0 then saves,
     evaluates and returns the result, while the other ranks return None as soon as training is done.
     """
-    started, commit = time.time(), results.git_commit()  # the code that runs is the code at the start
+    start = RunStart()
     ctx = init_distributed(cfg.train.device)
     with folder_lock(cfg.out, "out", enabled=ctx.is_main):
-        return _train_locked(cfg, ctx, command, on_step, started, commit)
+        return _train_locked(cfg, ctx, command, on_step, start)
 
 
 def _train_locked(cfg: RunConfig, ctx: DistContext, command: str, on_step: Callable[[TrainState], None] | None,
-                  started: float, commit: str | None) -> ResultRecord | None:
+                  start: RunStart) -> ResultRecord | None:
     """:func:`train_run` while holding the run folder's lock (rank 0)."""
     out = Path(cfg.out)
     _check_out_dir(out, cfg.resume)
@@ -283,7 +294,7 @@ def _train_locked(cfg: RunConfig, ctx: DistContext, command: str, on_step: Calla
     info = {"lr": lr, "steps": state.step, "epochs_completed": epochs, "train_examples": len(train),
             "world_size": ctx.world_size, "skipped_nonfinite_steps": state.skipped_steps,
             "forgetting_before": forgetting_before}
-    return _finish_train(cfg, setup, state, info, out, command, started, commit)
+    return _finish_train(cfg, setup, state, info, out, command, start)
 
 
 def _unsharded(setup: Setup, cfg: RunConfig, weights: dict[str, torch.Tensor], ctx: DistContext) -> Setup:
@@ -294,7 +305,7 @@ def _unsharded(setup: Setup, cfg: RunConfig, weights: dict[str, torch.Tensor], c
 
 
 def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[str, Any], out: Path, command: str,
-                  started: float, commit: str | None) -> ResultRecord:
+                  start: RunStart) -> ResultRecord:
     """Save the adapter, evaluate, and write ``result.json`` (rank 0 / the single process)."""
     params = _param_info(setup)  # counted as trained, before after_training() may fold parameters away
     head_weight = output_head(setup.method.model).weight
@@ -336,7 +347,7 @@ def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[st
         early_stop_step=state.step if state.stopped_early else None,
         forgetting=forgetting,
     )
-    result = ResultRecord(kind="train", run_info=_run_info(cfg, setup, command, started, commit),
+    result = ResultRecord(kind="train", run_info=_run_info(cfg, setup, command, start),
                           train_info=train_info, metrics=evaluation.metrics, samples=evaluation.samples,
                           per_example=evaluation.per_example)
     write_result(out / RESULT_NAME, result)
@@ -365,7 +376,7 @@ def eval_run(cfg: RunConfig, command: str = "") -> ResultRecord | None:
 
 def _eval_locked(cfg: RunConfig, command: str) -> ResultRecord:
     """:func:`eval_run` while holding the output folder's lock."""
-    started, commit = time.time(), results.git_commit()  # the code that runs is the code at the start
+    start = RunStart()
     out = Path(cfg.out)
     _check_out_dir(out, resume=False)
     results.reset_peak_memory(resolve_device(cfg.train.device))
@@ -390,7 +401,7 @@ def _eval_locked(cfg: RunConfig, command: str) -> ResultRecord:
     if not cfg.adapter:
         train_info.trainable_params = 0
         train_info.trainable_percent = 0.0
-    result = ResultRecord(kind="eval", run_info=_run_info(cfg, setup, command, started, commit),
+    result = ResultRecord(kind="eval", run_info=_run_info(cfg, setup, command, start),
                           train_info=train_info, metrics=evaluation.metrics, samples=evaluation.samples,
                           per_example=evaluation.per_example)
     write_result(out / RESULT_NAME, result)

@@ -31,6 +31,7 @@ from peftlab.lab.result_record import (
     LrPilot,
     ResultError,
     ResultRecord,
+    RunInfo,
     SplitMetrics,
     TrainInfo,
     read_result,
@@ -491,18 +492,29 @@ def run_blocks(groups: list[Group], root: Path) -> list[Block]:
             started, finished = _number(info.started), _number(info.finished)
             if (p is not None and run.embedded_in is None and not info.derived_from
                     and started is not None and finished is not None):
-                timed.append((g.label, run.seed, p, finished - started))
+                timed.append((g.label, run.seed, p, finished - started, _cpu_share(info, finished - started)))
     if timed:
-        table = Table(["group", "seed", "predicted", "actual", "actual / predicted"],
-                      [[label, str(seed), _seconds(p), _seconds(a), f"{a / p:.2f}" if p > 0 else "-"]
-                       for label, seed, p, a in timed])
+        table = Table(["group", "seed", "predicted", "actual", "actual / predicted", "CPU share"],
+                      [[label, str(seed), _seconds(p), _seconds(a), f"{a / p:.2f}" if p > 0 else "-",
+                        f"{share:.0%}" if share is not None else "-"] for label, seed, p, a, share in timed])
         total_p, total_a = sum(t[2] for t in timed), sum(t[3] for t in timed)
         table.rows.append(["total", "", _seconds(total_p), _seconds(total_a),
-                           f"{total_a / total_p:.2f}" if total_p > 0 else "-"])
+                           f"{total_a / total_p:.2f}" if total_p > 0 else "-", ""])
         blocks += [Heading(3, "Predicted vs actual time"), Para(
             "Predicted: `peftlab compare`'s estimate before the grid started (calibrated rates x counted tokens); "
-            "actual: the run's wall time from its start to its result."), table]
+            "actual: the run's wall time from its start to its result; CPU share: the CPU time the run's process "
+            "used over its wall time times its torch threads (well under 100%: the run shared its cores, so its "
+            "times and tokens/s are slower than the machine's own; '-' for results written before it was "
+            "recorded)."), table]
     return blocks
+
+
+def _cpu_share(info: RunInfo, wall_seconds: float) -> float | None:
+    """CPU seconds over wall seconds x torch threads: the share of its cores a run had (None if not recorded)."""
+    cpu, threads = _number(info.cpu_seconds), (info.machine or {}).get("torch_threads")
+    if cpu is None or not isinstance(threads, int) or threads < 1 or wall_seconds <= 0:
+        return None
+    return cpu / (wall_seconds * threads)
 
 
 def analysis_blocks(root: Path) -> list[Block]:

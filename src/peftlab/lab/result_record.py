@@ -170,6 +170,7 @@ class RunInfo(Part):
     git_commit: str | None = value(null="versions")  # None outside a git checkout; "+dirty" with local changes
     started: float | None = value()  # Unix time
     finished: float | None = value()
+    cpu_seconds: float | None = value()  # this process's CPU time (all its threads) from started to finished
     derived_from: str | None = value()  # a baseline computed inside another run (lead-3: the zero-shot run's stem)
     other: dict[str, Any] = spare()
 
