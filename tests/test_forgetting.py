@@ -14,6 +14,7 @@ from conftest import MODEL_FACTORIES, method_family_cases
 
 from peftlab.config import ConfigError, load_config
 from peftlab.evaluation.forgetting import encode_texts, forgetting_texts, text_cross_entropy
+from peftlab.methods.base import PeftMethod
 from peftlab.tasks.base import DataError
 
 TEXTS = [[5, 9, 11, 3, 7, 2], [4, 8, 15, 16], [23, 42, 6, 1, 9, 9, 9, 30]]
@@ -55,14 +56,25 @@ def test_before_training_every_method_is_the_base_model(name, family):
     assert before == pytest.approx(expected, abs=1e-5), f"{name} is not the identity at initialisation"
 
 
-def test_after_scores_the_adapted_model_with_its_virtual_tokens():
-    from conftest import applied_method
+@pytest.mark.parametrize(("name", "family"), method_family_cases())
+def test_after_scores_every_adapted_model_as_it_is_used(name, family):
+    """After training, every method is scored through its own prepare_inputs (virtual tokens, prefix caches)."""
+    from peftlab.methods import get_method
 
-    method = applied_method("prompt-tuning", "llama")
+    torch.manual_seed(1)
+    spec = get_method(name)
+    method = spec.apply(MODEL_FACTORIES[family](), spec.build_config({}))
+    with torch.no_grad():  # move the adapted model off its initial identity, so "after" must differ from "before"
+        for param in method.trainable_parameters().values():
+            param.add_(0.05 * torch.randn_like(param))
     raw, _ = text_cross_entropy(method.model, TEXTS, pad_id=0)
     adapted, tokens = text_cross_entropy(method.model, TEXTS, pad_id=0, prepare=method.prepare_inputs)
     assert tokens == sum(len(t) - 1 for t in TEXTS)  # virtual positions carry no loss
-    assert math.isfinite(adapted) and adapted != pytest.approx(raw, abs=1e-6)
+    assert math.isfinite(adapted)
+    if type(method).prepare_inputs is PeftMethod.prepare_inputs:  # the adapted weights already are the model
+        assert adapted == pytest.approx(raw, abs=1e-5)
+    else:  # virtual tokens or prefixes change what the text is scored with
+        assert adapted != pytest.approx(raw, abs=1e-6)
 
 
 def _write_split(folder, rows) -> None:

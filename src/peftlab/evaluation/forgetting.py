@@ -99,10 +99,12 @@ def text_cross_entropy(model: torch.nn.Module, token_ids: Sequence[Sequence[int]
             for row, seq in enumerate(batch):
                 ids[row, :len(seq)] = torch.tensor(seq)
                 mask[row, :len(seq)] = 1
+            ids, mask = ids.to(device), mask.to(device)
             labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+            # On the device before the method sees them: what it returns may hold more than tensors (prefix
+            # tuning's past_key_values), built where the model is, as in training and generation.
             inputs = prepare(ids, mask, labels) if prepare is not None else {
                 "input_ids": ids, "attention_mask": mask, "labels": labels}
-            inputs = {k: v.to(device) for k, v in inputs.items()}
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
                 log_probs = sequence_log_probs(model, inputs)
             total_nll -= float(log_probs.sum())
