@@ -140,6 +140,10 @@ class TrainConfig:
         "example's trunk hidden states once and reuse them in later epochs; when only the top blocks train "
         "(last-blocks), the hidden states entering the first trained block; auto = on when the trunk has no "
         "dropout and the cache fits in 2 GiB on the training device")
+    compile: bool = opt(
+        False, "torch.compile (inductor, dynamic shapes) each transformer block for the training forward and "
+        "backward; the same results within float rounding; off until measured to pay on the machine at hand "
+        "(BENCHMARKS.md); see models/compiled_blocks.py")
     seed: int = opt(0, "random seed")
     eval_every: int = opt(0, "validate every N optimizer steps (0: only at the end)")
     eval_examples: int = opt(32, "validation examples scored with the task metric at each validation")
@@ -169,6 +173,9 @@ class TrainConfig:
         check(self.patience >= 0, f"{prefix}.patience", "must be >= 0")
         check(self.log_every > 0, f"{prefix}.log_every", "must be > 0")
         check(self.save_every >= 0, f"{prefix}.save_every", "must be >= 0")
+        for other in ("gradient_checkpointing", "recompute_elementwise"):  # not traced and tested together yet
+            check(not (self.compile and getattr(self, other)), f"{prefix}.compile",
+                  f"is not supported together with {prefix}.{other} (not tested together); set one of them to false")
         self.cache_frozen_trunk = cache_frozen_trunk_mode(self.cache_frozen_trunk, f"{prefix}.cache_frozen_trunk")
 
 

@@ -15,6 +15,9 @@ before the optimizer step (``NonFiniteError``, naming the step; ``train.skip_non
 an out-of-memory batch names its shape and what to lower (``TrainingOutOfMemoryError``), and a full or read-only
 disk names the path (:class:`~peftlab.durable.DiskWriteError`).
 
+``train.compile`` runs each transformer block compiled by ``torch.compile`` during :meth:`Trainer.fit`
+(:mod:`peftlab.models.compiled_blocks`); evaluation afterwards runs them eager again.
+
 When only the output head trains (``PeftMethod.frozen_trunk()``), each training example's trunk features are computed
 once and reused in later epochs; when only the top blocks train (``PeftMethod.frozen_blocks()``), the hidden states
 entering the first trained block are (``train.cache_frozen_trunk``, :mod:`peftlab.training.trunk_cache`).
@@ -34,13 +37,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from peftlab.config import TrainConfig
+from peftlab.config import ConfigError, TrainConfig
 from peftlab.data.batching import collate, length_bucketed_batches
 from peftlab.data.encode import EncodedExample
 from peftlab.durable import DiskWriteError, is_disk_error
 from peftlab.methods.base import PeftMethod
 from peftlab.models.arch import output_head, transformer_blocks
 from peftlab.models.checkpointing import checkpoint_blocks
+from peftlab.models.compiled_blocks import compiled_blocks, eager
 from peftlab.models.loading import frozen_matmul_weights_in_bf16
 from peftlab.models.recompute import recompute_elementwise
 from peftlab.training import distributed as D
@@ -230,8 +234,12 @@ class Trainer:
         self.model.train()
         self.state.trunk_cache = self.trunk_cache is not None
         bf16_weights = frozen_matmul_weights_in_bf16(self.model) if self.autocast else contextlib.nullcontext()
+        if self.cfg.compile and self.sharded:
+            raise ConfigError("train.compile=true is not supported with FSDP-sharded blocks (several processes "
+                              "training whole blocks; not tested together): set train.compile=false")
+        compiled = compiled_blocks(self.model, type(self.method).__name__, self.cfg.compile)
         try:
-            with bf16_weights:
+            with bf16_weights, compiled:
                 self._loop(bar)
         except OSError as exc:
             if not is_disk_error(exc):
@@ -401,7 +409,8 @@ class Trainer:
         # Generation metrics run on rank 0 alone (the others wait at their next collective); with FSDP shards a
         # lone rank cannot run the model, so they are skipped during training (the final evaluation still runs).
         if self.metric_fn is not None and self.cfg.eval_examples > 0 and self.dist.is_main and not self.sharded:
-            record.update(self.metric_fn())
+            with eager() if self.cfg.compile else contextlib.nullcontext():  # generation: not what was compiled
+                record.update(self.metric_fn())
             self.model.train()
         self.state.val_curve.append(record)
         self._append_log({"split": "validation", **record})
