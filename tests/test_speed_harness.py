@@ -271,3 +271,16 @@ def test_harness_rejects_bad_arguments_naming_the_choices():
         harness.parse_args(["--methods", "lora-q"])
     with pytest.raises(SystemExit, match="batch size x"):
         harness.parse_args(["--examples", "3", "--batch-size", "4"])
+
+
+def test_the_compiled_variant_runs_peftlabs_worker_with_compile_and_is_compared_with_a():
+    harness, report = _speed_module("harness"), _speed_module("speed_report")
+    args = harness.parse_args(["--workloads", "imdb", "--methods", "lora-qv", "--examples", "8", "--batch-size", "1"])
+    assert "peftlab-compile" not in args.variants  # minutes of compiling: only when asked for
+    cmd = harness.worker_command(args, "peftlab-compile", "m", Path("d.json"), "lora-qv", Path("w"))
+    assert Path(cmd[1]).name == "peftlab_worker.py" and cmd[2] == "--compile"
+    records = _records({"peftlab": [200.0, 210.0], "peftlab-compile": [240.0, 231.0], "trainer": [150.0, 140.0]})
+    row = report.summarize(records)[0]
+    assert row["ratios"]["a'/a"]["pairs"] == pytest.approx([1.2, 1.1])
+    assert row["ratios"]["a'/b"]["pairs"] == pytest.approx([1.6, 1.65])
+    assert "(a') peftlab-compile tok/s" in report.markdown([row], None)

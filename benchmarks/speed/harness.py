@@ -36,6 +36,7 @@ from typing import Any
 
 from speed_common import (
     DEFAULT_DATA_ROOT,
+    DEFAULT_VARIANTS,
     DTYPES,
     METHODS,
     RESULT_MARKER,
@@ -48,7 +49,8 @@ from speed_common import (
 from speed_report import add_flops, markdown, planned_work, summarize
 
 HERE = Path(__file__).resolve().parent
-WORKER_SCRIPTS = {"peftlab": ["peftlab_worker.py"], "trainer": ["hf_trainer_worker.py", "--recipe", "trainer"],
+WORKER_SCRIPTS = {"peftlab": ["peftlab_worker.py"], "peftlab-compile": ["peftlab_worker.py", "--compile"],
+                  "trainer": ["hf_trainer_worker.py", "--recipe", "trainer"],
                   "trainer-expert": ["hf_trainer_worker.py", "--recipe", "trainer-expert"],
                   "course": ["hf_trainer_worker.py", "--recipe", "course"]}
 
@@ -62,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="tokenizer source for --random-init (default: --model)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma list of {', '.join(VARIANTS)} (default: all but peftlab-compile)")
     p.add_argument("--examples", type=int, default=64, help="examples sampled per workload (seeded); at least "
                                                             "batch size x (warmup + steps)")
     p.add_argument("--split", default="train", help="split the examples are drawn from")
@@ -189,6 +192,9 @@ def run_all(args: argparse.Namespace, model: str, data: dict[str, tuple[Path, di
             status = "FAILED (" + error.strip().splitlines()[-1][-160:] + ")"
         else:
             status = f"{record['tokens_per_s']:.1f} tok/s"
+            if record.get("compiled_graphs_total"):
+                status += (f", {record['compiled_graphs_total']} graphs compiled ({record['compiled_graphs']} in the "
+                           f"window), warm-up {record['warmup_seconds']:.0f} s")
         record.update(repeat=repeat, command=cmd, wall_seconds=time.time() - start)
         records.append(record)
         print(f"[harness] {n}/{len(plan)} {workload} {method} repeat {repeat + 1} {variant}: {status} "

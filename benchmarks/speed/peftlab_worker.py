@@ -7,13 +7,19 @@ The measured window is the wall time between the ends of steps ``warmup`` and ``
 the run is stopped right after the window, before the end-of-training checkpoint. ``train.max_steps`` is one more
 than that, so the learning-rate schedule is the same as the Trainer side's.
 
+``--compile`` is variant (a'): the same run with ``train.compile=true``. Compiling happens in the first warm-up step
+(and again for a shape dynamo specialises, e.g. a batch without padding), so the record adds ``warmup_seconds`` (the
+steps before the window, compiling included), ``compiled_graphs_total`` (graphs dynamo compiled in the run) and
+``compiled_graphs`` (those compiled inside the measured window: more than 0 means a recompile was timed).
+
 Usage (normally spawned by harness.py): python benchmarks/speed/peftlab_worker.py --model M --data FILE
-    --method lora-qv --warmup 2 --steps 6 --workdir DIR [--dtype bf16 --device cuda]
+    --method lora-qv --warmup 2 --steps 6 --workdir DIR [--dtype bf16 --device cuda] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from speed_common import (
@@ -51,7 +57,7 @@ def run_config(args: argparse.Namespace, data: dict) -> RunConfig:
     train.lr, train.batch_size, train.grad_accum = method_lr(args.method), data["batch_size"], 1
     train.max_steps = args.warmup + args.steps + 1
     train.seed, train.length_bucketing = data["order_seed"], data["bucketing"]
-    train.device = args.device
+    train.device, train.compile = args.device, args.compile
     cfg.out = str(args.workdir)
     cfg.validate()
     return cfg
@@ -59,7 +65,9 @@ def run_config(args: argparse.Namespace, data: dict) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> dict:
     """Train, measure the window, print and return the record."""
-    args = worker_parser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = worker_parser(__doc__.splitlines()[0])
+    parser.add_argument("--compile", action="store_true", help="train.compile=true (variant peftlab-compile)")
+    args = parser.parse_args(argv)
     check_worker_args(args)
     data = load_prepared(args.data)
     cfg = run_config(args, data)
@@ -73,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     window = StepWindow(args.warmup, args.steps, setup.device)
 
     def totals(state: TrainState) -> dict[str, int]:
-        return {"real_tokens": state.input_tokens, "target_tokens": state.target_tokens, **counter.totals()}
+        return {"real_tokens": state.input_tokens, "target_tokens": state.target_tokens, **counter.totals(),
+                "compiled_graphs": compiled_graphs()}
 
     def on_step(state: TrainState) -> None:
         window.on_step_end(state.step, lambda: totals(state))
@@ -82,14 +91,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainer = Trainer(setup.method, examples, [], cfg.train, args.workdir, setup.tokenizer.pad_token_id,
                       cfg.train.lr, None, setup.device, on_step, setup.autocast)
+    started = time.perf_counter()
     try:
         trainer.fit()
     except Interrupt:
         pass
-    record = {**run_facts(args, "peftlab", data), **facts, **window.result(), **memory.report(),
+    variant = "peftlab-compile" if args.compile else "peftlab"
+    record = {**run_facts(args, variant, data), **facts, **window.result(), **memory.report(),
+              "warmup_seconds": window.times[args.warmup] - started, "compiled_graphs_total": compiled_graphs(),
               "torch_version": torch.__version__}
     emit(record)
     return record
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (0 without train.compile)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 if __name__ == "__main__":

@@ -30,8 +30,11 @@ DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
 RESULT_MARKER = "SPEED_RESULT "  # libraries print to stdout too; the harness reads only lines with this prefix
 # Harness order; each repeat starts one further along (see harness.run_order). "trainer-expert" is (b'): PEFT +
 # Trainer with the head applied to labelled positions only, the strongest set-up a Trainer user can write.
-VARIANTS = ("peftlab", "trainer", "trainer-expert", "course")
-VARIANT_LETTERS = {"peftlab": "a", "trainer": "b", "trainer-expert": "b'", "course": "c"}
+# "peftlab-compile" is (a'): peftlab with train.compile=true; it runs only when --variants names it (it compiles for
+# minutes first, outside the measured window).
+VARIANTS = ("peftlab", "peftlab-compile", "trainer", "trainer-expert", "course")
+DEFAULT_VARIANTS = ("peftlab", "trainer", "trainer-expert", "course")
+VARIANT_LETTERS = {"peftlab": "a", "peftlab-compile": "a'", "trainer": "b", "trainer-expert": "b'", "course": "c"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PEFTLAB_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 

@@ -53,7 +53,8 @@ def add_flops(record: dict[str, Any], planned: dict[str, int], ceiling_gflops: f
 # (numerator, denominator) variants of every ratio reported: peftlab against each baseline, and what the expert
 # set-up gains over the plain Trainer.
 RATIO_PAIRS = (("peftlab", "trainer"), ("peftlab", "trainer-expert"), ("peftlab", "course"),
-               ("trainer-expert", "trainer"))
+               ("trainer-expert", "trainer"), ("peftlab-compile", "peftlab"), ("peftlab-compile", "trainer"),
+               ("peftlab-compile", "trainer-expert"))
 SUMMARY_KEYS = ("tokens_per_s", "peak_memory_bytes", "train_peak_over_loaded_bytes", "useful_gflops_per_s",
                 "executed_gflops_per_s", "mfu", "executed_share_of_ceiling", "positions_per_real_token",
                 "head_rows_per_real_token", "real_tokens")
