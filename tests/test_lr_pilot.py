@@ -203,9 +203,11 @@ def _fake_pilot_losses(monkeypatch, best_lr: float) -> list[float]:
 
 @pytest.mark.parametrize(("best", "extend", "chosen"), [(3e-2, 2, 2.7e-2), (3e-2, 1, 9e-3), (2e-3, 2, 3e-3),
                                                         (1e-5, 2, 2.7e-5)])
-def test_a_best_rate_at_the_edge_gets_pilots_further_out(tmp_path, monkeypatch, best, extend, chosen):
+def test_a_best_rate_at_the_edge_gets_pilots_further_out(tmp_path, tiny_llama_dir, monkeypatch, best, extend, chosen):
     tried = _fake_pilot_losses(monkeypatch, best)
-    path = _write(tmp_path, methods=[{"name": "lora", "overrides": {"train.lr": 1e-3}}], n_train=[8], seeds=[0],
+    # A local model: compare's estimate loads its tokenizer (a hub name would wait on the network offline).
+    path = _write(tmp_path, tiny_llama_dir, methods=[{"name": "lora", "overrides": {"train.lr": 1e-3}}],
+                  n_train=[8], seeds=[0],
                   lr_pilot={"factors": [0.3, 1, 3], "steps": 1, "validation": 2, "extend": extend})
     compare(path, pilots_only=True)
     runs = plan(load_grid(path))
