@@ -70,6 +70,15 @@ class SlicedLinearWrapper(nn.Module):
         w = self.base_layer.weight
         return w[:, start:stop].T if self.fan_in_fan_out else w[start:stop, :]
 
+    def add_to_slice(self, out: torch.Tensor, key: str, update: torch.Tensor) -> torch.Tensor:
+        """``out`` (..., d_out) with ``update`` (..., stop - start) added to branch ``key``'s output columns, cast to
+        out's dtype: out of place for a whole-layer branch (autograd-safe), in place on the slice otherwise."""
+        if self.whole:
+            return out + update.to(out.dtype)
+        start, stop = self.slices[key]
+        out[..., start:stop] += update.to(out.dtype)
+        return out
+
 
 
 class DenseDeltaWrapper(SlicedLinearWrapper):
@@ -89,13 +98,9 @@ class DenseDeltaWrapper(SlicedLinearWrapper):
         out = self.base_layer(x)  # x: (..., d_in) -> (..., d_out)
         if self.merged:
             return out
-        for key, (start, stop) in self.slices.items():
+        for key in self.slices:
             delta = self.delta_rows(key)
-            update = F.linear(x.to(delta.dtype), delta)  # (..., stop - start)
-            if self.whole:
-                out = out + update.to(out.dtype)
-            else:
-                out[..., start:stop] += update.to(out.dtype)
+            out = self.add_to_slice(out, key, F.linear(x.to(delta.dtype), delta))  # update: (..., stop - start)
         return out
 
     @torch.no_grad()

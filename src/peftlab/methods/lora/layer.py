@@ -142,10 +142,7 @@ class LoraLinear(SlicedLinearWrapper):
             delta = F.linear(F.linear(h, self.lora_A[key]), self.lora_B[key]) * self.scaling
             if self.use_dora:
                 delta = self._dora_delta(key, h, out[..., start:stop], delta)
-            if self.whole:
-                out = out + delta.to(out.dtype)
-            else:
-                out[..., start:stop] += delta.to(out.dtype)
+            out = self.add_to_slice(out, key, delta)
         return out
 
     @torch.no_grad()

@@ -77,11 +77,7 @@ class VeraLinear(DenseDeltaWrapper):
         d = self.vera_lambda_d
         h = d * F.linear(self.dropout(x).to(d.dtype), self.vera_A[:, :self.in_features])  # (..., r)
         for key, (start, stop) in self.slices.items():
-            delta = self.vera_lambda_b[key] * F.linear(h, self.vera_B[start:stop])  # (..., stop - start)
-            if self.whole:
-                out = out + delta.to(out.dtype)
-            else:
-                out[..., start:stop] += delta.to(out.dtype)
+            out = self.add_to_slice(out, key, self.vera_lambda_b[key] * F.linear(h, self.vera_B[start:stop]))
         return out
 
     def full_lambda_b(self) -> torch.Tensor:
