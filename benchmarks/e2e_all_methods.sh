@@ -46,7 +46,7 @@ RUNS=(
   "mam|method=mam method.n_tokens=30 method.bottleneck_size=64 train.lr=3e-4"
   # LoHa and LoKr at 1e-3 barely left zero-shot in 30 steps (BLEU 7.8 and 9.0; loss 2.59 -> 2.31): with PEFT's init
   # one factor starts at zero and its gradient is scaled by the other factors' small kaiming values, so these two
-  # need a larger rate than LoRA's. Again at 10x.
+  # need a larger rate than LoRA's. Again at 10x; their default lr went from 2e-4 to 2e-3 after this.
   "loha-lr1e-2|method=loha method.r=8 method.target_modules=[q,v] train.lr=1e-2"
   "lokr-lr1e-2|method=lokr method.r=8 method.target_modules=[q,v] train.lr=1e-2"
 )
