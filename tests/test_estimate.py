@@ -230,3 +230,15 @@ def test_forgetting_passes_are_counted(tmp_path, tiny_llama_dir):
         old, new = est.count_run(before, tok, est.SplitReader()), est.count_run(after, tok, est.SplitReader())
         assert new.eval_positions - old.eval_positions == passes * one_pass
         assert new.eval_rows - old.eval_rows == passes * len(lengths)
+
+
+def test_min_steps_is_counted_as_the_trainer_counts_it(tmp_path, tiny_llama_dir):
+    """IMDB's N=100 runs train at least 50 steps (train.min_steps) over 13 batches: the estimate once counted 13."""
+    from peftlab.training.trainer import planned_steps
+
+    grid = _grid(tmp_path, tiny_llama_dir)
+    grid["train"].update(epochs=1, min_steps=5)  # 4 examples at batch 2: 2 steps an epoch, at least 5
+    lora = plan(parse_grid(grid, "grid.yaml"))[1]
+    work = est.count_run(lora, _tok(tiny_llama_dir), est.SplitReader())
+    assert work.steps == 5 == planned_steps(lora.cfg.train, 4)
+    assert work.train_rows + work.later_rows == 10  # 5 micro-batches of 2: the data goes round 2.5 times

@@ -1,11 +1,14 @@
 """The rates a grid estimate divides its counted work by (:mod:`peftlab.lab.estimate`), measured on this machine.
 
 For each method family (method + options + precision) once: the method's own training step (the
-:class:`~peftlab.training.trainer.Trainer`, on synthetic sequences of the grid's mean length after a short warm-up
-step), the optimizer update every step pays, a checkpoint save, a prompt pass, and decode steps at
-``eval.batch_size`` rows over a KV cache of the grid's mean prompt length, under the run's own precision
-(``train.bf16``, ``model.dtype``). Methods whose evaluation is the base model's forward (merged LoRA/IA3, BitFit)
-take the base model's evaluation rates, measured once.
+:class:`~peftlab.training.trainer.Trainer`, on micro-batches of ``train.batch_size`` synthetic sequences of the grid's
+mean length, after a warm-up step of that shape), the optimizer update every step pays, a checkpoint save, a prompt
+pass of ``eval.batch_size`` prompts of the grid's mean prompt length and decode steps over its KV cache, under the
+run's own precision (``train.bf16``, ``model.dtype``). Rates are measured at the grid's own batch sizes because on a
+CPU they depend on them: on a 2-core Xeon, LoRA on SmolLM2-135M (bf16, one thread) trained 193 positions/s at 1 row
+and 260 at 8; a prompt pass ran 302 positions/s at 1 row and 1,411 at 16 (calibrating at 1 row, the estimator
+predicted the IMDB and CNN/DM grids at about twice their measured time). Methods whose evaluation is the base
+model's forward (merged LoRA/IA3, BitFit) take the base model's evaluation rates, measured once.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-CACHE_VERSION = 1  # bump when what is measured changes: older cached rates are then measured again
+CACHE_VERSION = 2  # bump when what is measured changes: older cached rates are then measured again
+# (2: training and prompt passes measured at the grid's batch sizes instead of one row)
 
 
 @dataclass
@@ -60,8 +64,8 @@ class Family:
                  "bf16": cfg.train.bf16, "method": _method_of(self), "eval_batch": cfg.eval.batch_size,
                  "prompt": self.prompt_length}
         if self.train:
-            parts.update(train={k: getattr(cfg.train, k) for k in ("gradient_checkpointing", "release_freed_memory",
-                                                                   "cache_frozen_trunk")},
+            parts.update(train={k: getattr(cfg.train, k) for k in ("batch_size", "gradient_checkpointing",
+                                                                   "release_freed_memory", "cache_frozen_trunk")},
                          shape=[self.train_length, self.target_length])
         return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -87,19 +91,19 @@ def _synthetic(tokenizer: Any, length: int, targets: int, seed: int) -> Any:
 
 def _measure_training(setup: Any, family: Family, rates: Rates) -> None:
     """Time the method's own training step (the Trainer, with the run's precision and trunk-cache settings) on
-    synthetic one-row micro-batches: a short warm-up step, 2 steps of the grid's mean length, then, for a method
-    whose trunk is frozen, 2 steps of a second epoch (served by the trunk cache when it is on)."""
-    from peftlab.data.batching import length_bucketed_batches
+    synthetic micro-batches of ``train.batch_size`` rows of the grid's mean length: a warm-up step (it pays the
+    first call's one-off costs at this shape), 2 timed steps, then, for a method whose trunk is frozen, a second epoch
+    of 3 (served by the trunk cache when it is on; its last 2 timed)."""
     from peftlab.methods import get_method
     from peftlab.training.trainer import Trainer
 
     cfg, tokenizer = family.cfg, setup.tokenizer
-    warm = _synthetic(tokenizer, family.target_length + 8, family.target_length, 0)
-    full = [_synthetic(tokenizer, family.train_length, family.target_length, k) for k in (1, 2)]
-    first = length_bucketed_batches([0, 0, 0], 1, cfg.train.seed, 0, False)[0][0]
-    data = full[:first] + [warm] + full[first:]  # the warm-up sequence is the first the trainer takes
-    epoch_steps, steps = 3, 5 if setup.method.frozen_trunk() else 3
-    train_cfg = dataclasses.replace(cfg.train, max_steps=steps, batch_size=1, grad_accum=1, eval_every=0,
+    rows, epoch_steps = max(1, cfg.train.batch_size), 3
+    steps = 6 if setup.method.frozen_trunk() else 3
+    # every sequence of the same length and target count: whatever order the trainer takes them in, each step is
+    # the same work
+    data = [_synthetic(tokenizer, family.train_length, family.target_length, k) for k in range(rows * epoch_steps)]
+    train_cfg = dataclasses.replace(cfg.train, max_steps=steps, batch_size=rows, grad_accum=1, eval_every=0,
                                     save_every=0, log_every=10**9, length_bucketing=False, patience=0,
                                     warmup_steps=0, warmup_ratio=0.0)
     lr = cfg.train.lr or get_method(cfg.method.name).default_lr
@@ -113,12 +117,13 @@ def _measure_training(setup: Any, family: Family, rates: Rates) -> None:
         cached = trainer.trunk_cache is not None
         rates.update_seconds = _update_seconds(trainer)
     per_step = [b - a for a, b in zip([0.0, *times], times, strict=False)]
-    positions = 2 * (family.train_length + rates.virtual_positions)
+    positions = 2 * rows * (family.train_length + rates.virtual_positions)
     compute = sum(per_step[1:epoch_steps]) - 2 * rates.update_seconds
     rates.train_positions_per_s = positions / max(compute, 0.1 * sum(per_step[1:epoch_steps]), 1e-9)
-    if cached:
-        compute = sum(per_step[epoch_steps:]) - 2 * rates.update_seconds
-        rates.head_targets_per_s = 2 * family.target_length / max(compute, 0.1 * sum(per_step[epoch_steps:]), 1e-9)
+    if cached:  # the second epoch's first step warms the head-only shapes up; its last 2 are timed
+        compute = sum(per_step[epoch_steps + 1:]) - 2 * rates.update_seconds
+        rates.head_targets_per_s = 2 * rows * family.target_length / max(
+            compute, 0.1 * sum(per_step[epoch_steps + 1:]), 1e-9)
 
 
 def _update_seconds(trainer: Any) -> float:
@@ -155,37 +160,33 @@ def _virtual_positions(method: Any, device: Any) -> int:
 
 
 def _measure_evaluation(setup: Any, family: Family, rates: Rates) -> None:
-    """Time one prompt pass of the grid's mean prompt length, then decode steps at ``eval.batch_size`` rows over that
-    cache (the prompt's cache copied to every row: no batch-sized prompt pass is paid for)."""
+    """Time one prompt pass of ``eval.batch_size`` prompts of the grid's mean prompt length (after a warm-up pass of
+    short ones), then decode steps of all those rows over its KV cache."""
     import torch
 
-    from peftlab.evaluation.generate import prefill
-    from peftlab.evaluation.kv_cache import keep_rows, preallocate
+    from peftlab.evaluation.generate import decode_step, prefill
+    from peftlab.evaluation.kv_cache import preallocate
 
-    method, device, rows = setup.method, setup.device, family.cfg.eval.batch_size
+    method, device, rows = setup.method, setup.device, max(1, family.cfg.eval.batch_size)
     pad = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else setup.tokenizer.eos_token_id
-    prompt = _synthetic(setup.tokenizer, family.prompt_length, 1, 7).input_ids
+    prompts = [_synthetic(setup.tokenizer, family.prompt_length, 1, 7 + k).input_ids for k in range(rows)]
     method.model.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.autocast):
-        prefill(method, [prompt[:16]], pad, device)  # warm-up
+        prefill(method, [p[:16] for p in prompts], pad, device)  # warm-up
         t0 = time.perf_counter()
-        state = prefill(method, [prompt], pad, device)
-        rates.prefill_positions_per_s = (len(prompt) + rates.virtual_positions) / (time.perf_counter() - t0)
+        state = prefill(method, prompts, pad, device)
+        rates.prefill_positions_per_s = rows * (family.prompt_length + rates.virtual_positions) / (
+            time.perf_counter() - t0)
         steps = 4
-        if preallocate(state.cache, steps):
-            keep_rows(state.cache, torch.zeros(rows, dtype=torch.long, device=device))
-            mask, position = state.attention_mask.expand(rows, -1), state.position.expand(rows, -1)
-        else:  # a cache kind that cannot be copied per row: decode one row and scale (a lower bound)
-            rows, mask, position = 1, state.attention_mask, state.position
-        token = state.logits.argmax(-1)[:1].expand(rows)
+        preallocate(state.cache, steps)  # as generation does; a cache kind it cannot preallocate grows instead
+        mask, position = state.attention_mask, state.position
+        token = state.logits.argmax(-1)  # (rows,)
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
             mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
             position = position + 1
-            out = method.model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                               cache=state.cache, use_cache=True, logits_to_keep=1)
-            token = out.logits[:, -1].argmax(-1)
+            token = decode_step(method.model, token[:, None], mask, position, state.cache).argmax(-1)
             times.append(time.perf_counter() - t0)
     rates.decode_rows_per_s = rows * (steps - 1) / max(sum(times[1:]), 1e-9)
 

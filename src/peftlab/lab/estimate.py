@@ -10,7 +10,8 @@ A run's time is the work it will do, counted from its own examples, divided by r
 
 Work (:func:`count_run`): the run's training, validation and test examples are loaded and tokenized exactly as
 :mod:`peftlab.lab.experiment` does (same splits, sample, :class:`~peftlab.data.encode.PromptEncoder`); training
-micro-batches are the trainer's own length-bucketed batches, epoch by epoch, up to ``max_steps`` or ``epochs``;
+micro-batches are the trainer's own length-bucketed batches, epoch by epoch, for the trainer's own step count
+(``max_steps``, else ``epochs`` but at least ``min_steps``);
 validations come every ``eval_every`` steps and at the end; evaluation runs the task's own ``evaluate`` with a
 :class:`CountingPredictor`, which runs no model but counts the prompt batches and decode steps that
 :class:`~peftlab.evaluation.generate.ModelPredictor` would run. Generation is counted at ``max_new_tokens`` decode
@@ -52,7 +53,7 @@ _NOT_COUNTED = {"train": ("lr", "weight_decay", "schedule", "warmup_steps", "war
                 "eval": ("show_examples",)}
 
 
-COUNTS_VERSION = 2  # bump when what is counted changes (2: the forgetting passes): cached counts are then redone
+COUNTS_VERSION = 3  # bump when what is counted changes (2: the forgetting passes; 3: min_steps): counts are redone
 
 
 class EstimateError(ValueError):
@@ -129,12 +130,13 @@ def _train_work(cfg: Any, encoded: list[Any], work: Work) -> None:
     """The trainer's micro-batches (length-bucketed, epoch by epoch) up to its last step, and its saves."""
     from peftlab.data.batching import length_bucketed_batches
     from peftlab.data.encode import IGNORE_INDEX
+    from peftlab.training.trainer import planned_steps
 
     t = cfg.train
     lengths = [len(e.input_ids) for e in encoded]
     targets = [sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in encoded]
     per_epoch = math.ceil(len(encoded) / t.batch_size)
-    work.steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
+    work.steps = planned_steps(t, len(encoded))
     work.all_targets, work.train_examples = sum(targets), len(encoded)
     micro, epoch = work.steps * t.grad_accum, 0
     while micro > 0:

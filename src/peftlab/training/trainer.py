@@ -99,6 +99,14 @@ OOM_ERRORS = (torch.OutOfMemoryError, MemoryError)
 OOM_TEXTS = ("out of memory", "can't allocate memory", "failed to allocate")  # CUDA, CPU allocator, MPS/XPU
 
 
+
+def planned_steps(cfg: Any, n_examples: int) -> int:
+    """The optimizer steps a run of ``n_examples`` training examples takes under ``cfg`` (a TrainConfig):
+    ``max_steps`` when set, else ``epochs`` passes of ``ceil(n / batch_size)`` micro-batches over ``grad_accum``, but
+    at least ``min_steps`` (patience may stop it earlier)."""
+    per_epoch = math.ceil(n_examples / cfg.batch_size)
+    return cfg.max_steps or max(1, cfg.min_steps or 0, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+
 class Trainer:
     """Trains ``method``'s parameters on encoded examples.
 
@@ -174,8 +182,7 @@ class Trainer:
         self._trunk_seen: set[int] = set()  # examples whose trunk features the cache holds (global indices)
         if self.trunk_cache is not None and self.dist.is_main:
             announce(self.trunk_cache, len(train_data))
-        self.total_steps = cfg.max_steps or max(1, cfg.min_steps or 0,
-                                                math.ceil(cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
+        self.total_steps = planned_steps(cfg, len(train_data))
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.schedule, warmup, self.total_steps))
