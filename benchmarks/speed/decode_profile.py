@@ -45,7 +45,7 @@ def profile_decode_steps(method: PeftMethod, prompts: list[list[int]], pad_id: i
                          steps: int, compiled: bool = False,
                          precision: AbstractContextManager | None = None) -> dict[str, Any]:
     """Profile ``steps`` decode steps at ``len(prompts)`` rows over the prompts' cache, inside ``precision``
-    (evaluation's bf16 autocast, say: ``ModelPredictor._precision()``).
+    (evaluation's bf16 autocast, say: ``ModelPredictor.precision()``).
 
     Returns ``text`` (the operator table and the grouped shares, printable), ``groups`` (group -> share of the
     self CPU time), ``ops`` (the 15 operators with most self CPU time: name, calls, milliseconds) and

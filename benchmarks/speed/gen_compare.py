@@ -258,7 +258,7 @@ def compare(args: argparse.Namespace, model: str) -> dict[str, Any]:
         # the longest prompts: the cache of a full batch late in a run; under the side's own precision
         result["profile"] = {
             name: profile_decode_steps(setup.method, by_length[-args.batch_size:], pad, setup.device, args.profile,
-                                       compiled=PEFTLAB_SIDES[name][1], precision=predictors[name]._precision())
+                                       compiled=PEFTLAB_SIDES[name][1], precision=predictors[name].precision())
             for name in ("continuous", "compiled") if name in args.variants or name == "continuous"}
     return result
 

@@ -350,7 +350,7 @@ class ModelPredictor:
         self.eos_ids = eos_token_ids(method.model, tokenizer)
 
     @contextlib.contextmanager
-    def _precision(self) -> Iterator[None]:
+    def precision(self) -> Iterator[None]:
         """bf16 autocast with the frozen weights cast once, when ``autocast_bf16``; else nothing."""
         if not self.autocast:
             yield
@@ -370,7 +370,7 @@ class ModelPredictor:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         was_training = self.method.model.training
         self.method.model.eval()
-        with self._precision():
+        with self.precision():
             if self.num_beams == 1 and self.continuous:
                 rows = continuous_greedy_generate(self.method, [prompts[i] for i in order], self.pad_id,
                                                   self.eos_ids, max_new_tokens, self.device, self.batch_size,
@@ -404,7 +404,7 @@ class ModelPredictor:
         scores: list[list[float]] = [[] for _ in prompts]
         was_training = self.method.model.training
         self.method.model.eval()
-        with self._precision():
+        with self.precision():
             for start in tqdm(range(0, len(order), self.batch_size), desc="score labels", unit="batch", leave=False,
                               mininterval=2.0):
                 idx = order[start:start + self.batch_size]

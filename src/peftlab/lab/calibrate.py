@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-CACHE_VERSION = 2  # bump when what is measured changes: older cached rates are then measured again
-# (2: training and prompt passes measured at the grid's batch sizes instead of one row)
+CACHE_VERSION = 3  # bump when what is measured changes: older cached rates are then measured again
+# (2: training and prompt passes measured at the grid's batch sizes instead of one row; 3: evaluation measured
+# under the evaluation's own precision context, bf16 frozen weights cast once, as ModelPredictor runs it)
 
 
 @dataclass
@@ -171,7 +172,7 @@ def _measure_evaluation(setup: Any, family: Family, rates: Rates) -> None:
     pad = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else setup.tokenizer.eos_token_id
     prompts = [_synthetic(setup.tokenizer, family.prompt_length, 1, 7 + k).input_ids for k in range(rows)]
     method.model.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.autocast):
+    with torch.no_grad(), setup.predictor().precision():  # the evaluation's own precision (frozen weights cast once)
         prefill(method, [p[:16] for p in prompts], pad, device)  # warm-up
         t0 = time.perf_counter()
         state = prefill(method, prompts, pad, device)
