@@ -83,3 +83,27 @@ def test_peak_memory_window_restarts_at_each_run():
     before, after, later = (int(x) for x in out.stdout.split())
     assert before - after > 150 * 2**20  # the freed 200 MiB no longer counts
     assert later - after > 30 * 2**20  # what the new window allocates does
+
+
+# What a run finds resident when it starts is what earlier runs of the process left: 200 MiB held shows, freed not.
+RESIDENT_PROBE = textwrap.dedent("""
+    import torch
+    from peftlab.lab.results import reset_peak_memory, resident_memory
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    base = resident_memory(cpu)
+    held = torch.ones(50 * 2**20)  # 200 MiB, still referenced (a leak from an earlier run)
+    reset_peak_memory(cpu)
+    leaked = resident_memory(cpu)
+    del held
+    reset_peak_memory(cpu)
+    print(base, leaked, resident_memory(cpu))
+""")
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="VmRSS is Linux's")
+def test_resident_memory_at_a_run_start_shows_what_earlier_runs_left():
+    out = subprocess.run([sys.executable, "-c", RESIDENT_PROBE], capture_output=True, text=True, check=True)
+    base, leaked, freed = (int(x) for x in out.stdout.split())
+    assert leaked - base > 150 * 2**20
+    assert leaked - freed > 150 * 2**20  # freed and trimmed: no longer resident

@@ -7,8 +7,8 @@ pass of ``eval.batch_size`` prompts of the grid's mean prompt length and decode 
 run's own precision (``train.bf16``, ``model.dtype``). Rates are measured at the grid's own batch sizes because on a
 CPU they depend on them: on a 2-core Xeon, LoRA on SmolLM2-135M (bf16, one thread) trained 193 positions/s at 1 row
 and 260 at 8, and a 150-token prompt pass ran 2.4-4.7x more positions/s at 16 rows than at 1 (calibrating at 1 row,
-the estimator predicted the IMDB and CNN/DM grids at about twice their measured time). Methods whose evaluation is the base
-model's forward (merged LoRA/IA3, BitFit) take the base model's evaluation rates, measured once.
+the estimator predicted the IMDB and CNN/DM grids at about twice their measured time). Methods whose evaluation is
+the base model's forward (merged LoRA/IA3, BitFit) take the base model's evaluation rates, measured once.
 """
 
 from __future__ import annotations

@@ -262,6 +262,7 @@ def _train_locked(cfg: RunConfig, ctx: DistContext, command: str, on_step: Calla
     out = Path(cfg.out)
     _check_out_dir(out, cfg.resume)
     results.reset_peak_memory(ctx.device)  # this run's peak, not an earlier run's in the same process (compare)
+    start_memory = results.resident_memory(ctx.device)
     setup = build(cfg, device=ctx.device)
     # The base model's cross-entropy on out-of-task text, before any step (and before a resume loads weights).
     forgetting_before = forgetting_ce(setup, adapted=False) if ctx.is_main else None
@@ -283,6 +284,7 @@ def _train_locked(cfg: RunConfig, ctx: DistContext, command: str, on_step: Calla
     if cfg.resume and trainer.resume() and ctx.is_main:
         print(f"[train] resumed from step {trainer.state.step} of {trainer.total_steps}", file=sys.stderr)
     state = trainer.fit()
+    train_peak = results.peak_memory(ctx.device)["peak_memory_bytes"]
     epochs = state.epoch + state.batch_in_epoch / max(trainer.batches_per_epoch, 1)
     if trainer.sharded:  # FSDP shards: gather whole weights (all ranks), then rank 0 continues on a plain model
         weights = trainer.full_weights()
@@ -293,7 +295,8 @@ def _train_locked(cfg: RunConfig, ctx: DistContext, command: str, on_step: Calla
         return None
     info = {"lr": lr, "steps": state.step, "epochs_completed": epochs, "train_examples": len(train),
             "world_size": ctx.world_size, "skipped_nonfinite_steps": state.skipped_steps,
-            "forgetting_before": forgetting_before}
+            "forgetting_before": forgetting_before, "start_memory_bytes": start_memory,
+            "train_peak_memory_bytes": train_peak}
     return _finish_train(cfg, setup, state, info, out, command, start)
 
 

@@ -86,16 +86,25 @@ def reset_peak_memory(device: torch.device) -> bool:
     return True
 
 
-def _vm_hwm_bytes() -> int | None:
-    """The kernel's resident high-water mark of this process (Linux ``VmHWM``), or None elsewhere."""
+def _proc_status_bytes(key: str) -> int | None:
+    """A memory line of this process's ``/proc/self/status`` (``VmHWM``: the resident high-water mark, ``VmRSS``:
+    resident now) in bytes, or None elsewhere."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return None
     for line in status.splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
     return None
+
+
+def resident_memory(device: torch.device) -> int | None:
+    """Memory this process holds now: CUDA allocated on a GPU, the resident set on CPU (None where unknown). At
+    the start of a run, after :func:`reset_peak_memory`, it is what earlier runs in the same process left behind."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return _proc_status_bytes("VmRSS")
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
@@ -103,7 +112,7 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
                 "peak_memory_kind": "cuda_max_allocated"}
-    hwm = _vm_hwm_bytes()
+    hwm = _proc_status_bytes("VmHWM")
     if hwm is not None:
         return {"peak_memory_bytes": hwm, "peak_memory_kind": "cpu_peak_rss"}
     # ru_maxrss (never reset) is in kilobytes on Linux and bytes on macOS.
