@@ -382,7 +382,9 @@ def _eval_locked(cfg: RunConfig, command: str) -> ResultRecord:
     start = RunStart()
     out = Path(cfg.out)
     _check_out_dir(out, resume=False)
-    results.reset_peak_memory(resolve_device(cfg.train.device))
+    device = resolve_device(cfg.train.device)
+    results.reset_peak_memory(device)
+    start_memory = results.resident_memory(device)
     if cfg.adapter is not None:
         adapter_cfg = read_adapter_config(cfg.adapter)
         # The prompt format is part of the adapter: evaluate with the task settings it was trained with.
@@ -400,7 +402,7 @@ def _eval_locked(cfg: RunConfig, command: str) -> ResultRecord:
     before = after if not cfg.adapter else None
     train_info = TrainInfo(method=MethodFacts(name=method_name, facts=setup.method.describe()), **_param_info(setup),
                            eval=evaluation.speed, **results.peak_memory(setup.device),
-                           forgetting=_forgetting_record(before, after))
+                           start_memory_bytes=start_memory, forgetting=_forgetting_record(before, after))
     if not cfg.adapter:
         train_info.trainable_params = 0
         train_info.trainable_percent = 0.0

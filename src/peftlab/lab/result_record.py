@@ -246,7 +246,7 @@ class TrainInfo(Part):
     eval: dict[str, EvalSpeed] | None = nested(EvalSpeed, "map")  # split -> speed
     peak_memory_bytes: int | None = value()
     peak_memory_kind: str | None = value()  # "cuda_max_allocated" | "cpu_peak_rss"
-    start_memory_bytes: int | None = value()  # held when the run started: what earlier runs of the process left
+    start_memory_bytes: int | None = value()  # held when the run (train or eval) started: what earlier runs left
     train_peak_memory_bytes: int | None = value()  # the peak up to the end of training (before evaluation)
     train_trunk_tokens: int | None = value()
     train_flops_estimate: int | None = value()
