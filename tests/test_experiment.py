@@ -38,7 +38,9 @@ def test_train_writes_result_and_eval_reproduces_it(tiny_llama_dir, tmp_path, me
     assert result.train_info.train_flops_estimate > 0 and result.train_info.adapter_bytes > 0
     if platform.system() == "Linux":  # memory at the start and up to the end of training (VmRSS, VmHWM)
         info_ = result.train_info
-        assert 0 < info_.start_memory_bytes and 0 < info_.train_peak_memory_bytes <= info_.peak_memory_bytes
+        assert info_.start_memory_bytes > 0 and info_.train_peak_memory_bytes > 0
+        # the kernel syncs per-thread RSS counters lazily: VmHWM read twice can go back by some pages (seen: 100 KB)
+        assert info_.train_peak_memory_bytes <= info_.peak_memory_bytes + 16 * 2**20
     assert set(saved["run_info"]) >= {"config", "versions", "machine", "seed", "git_commit"}
     assert {"bleu", "rougeL"} <= set(result.scores_of("test")) and result.metrics["test"].n_examples > 0
     assert (out / "adapter" / "adapter.safetensors").exists() and (out / "metrics.jsonl").exists()
