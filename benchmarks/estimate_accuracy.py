@@ -28,17 +28,18 @@ CLEAN_SHARE = 0.9
 
 
 def actual_times(path: Path) -> dict[str, Any] | None:
-    """The recorded times of one run's result file, or None when it has not finished."""
+    """The recorded times of one run's result file (wall, train and evaluation seconds, CPU share), or None when it
+    has not finished."""
     if not path.exists():
         return None
     record = _read_result(path)
     info, train = record.run_info, record.train_info
-    wall = (info.finished or 0.0) - (info.started or 0.0)
-    threads = (info.machine or {}).get("torch_threads") or 1
-    share = info.cpu_seconds / (wall * threads) if info.cpu_seconds and wall > 0 else None
+    wall = info.wall_seconds()
+    if wall is None:
+        return None
     evaluation = sum(s.eval_seconds or 0.0 for s in (train.eval or {}).values())
-    return {"wall": wall, "train": train.train_seconds or 0.0, "evaluation": evaluation, "cpu_share": share,
-            "early_stop": train.early_stop_step is not None}
+    return {"wall": wall, "train": train.train_seconds or 0.0, "evaluation": evaluation,
+            "cpu_share": info.cpu_share(), "early_stop": train.early_stop_step is not None}
 
 
 def main() -> None:

@@ -33,6 +33,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from estimate_accuracy import actual_times  # this folder's sibling: one reader of a result file's times
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
@@ -106,15 +108,11 @@ def grid_hours(folder: Path, train_ratio: float, eval_ratio: float) -> tuple[int
     """(runs, after hours, before hours) over a study folder's result files, pilots included."""
     n, after, before = 0, 0.0, 0.0
     for path in sorted([*folder.glob("*.json"), *folder.glob("pilots/*.json")]):
-        record = json.loads(path.read_text())
-        info, train = record.get("run_info") or {}, record.get("train_info") or {}
-        if "finished" not in info or str(path.stem).startswith("lead-3"):
+        times = actual_times(path)
+        if times is None or path.stem.startswith("lead-3"):
             continue  # lead-3 is derived from zero-shot's outputs: no model ran for it
-        wall = info["finished"] - info["started"]
-        train_s = train.get("train_seconds") or 0.0
-        eval_s = sum((s or {}).get("eval_seconds") or 0.0 for s in (train.get("eval") or {}).values())
-        n, after = n + 1, after + wall
-        before += wall + train_s * (train_ratio - 1) + eval_s * (eval_ratio - 1)
+        n, after = n + 1, after + times["wall"]
+        before += times["wall"] + times["train"] * (train_ratio - 1) + times["evaluation"] * (eval_ratio - 1)
     return n, after / 3600, before / 3600
 
 

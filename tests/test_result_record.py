@@ -185,3 +185,12 @@ def test_what_is_not_a_readable_result_is_named(tmp_path):
     bad["samples"]["test"] = {"id": "0"}
     with pytest.raises(ResultError, match=r"samples\.test: expected a list"):
         ResultRecord.from_dict(bad, "x.json")
+
+
+def test_run_info_derives_wall_time_and_cpu_share_only_from_recorded_numbers():
+    info = RunInfo(started=100.0, finished=160.0, cpu_seconds=90.0, machine={"torch_threads": 2})
+    assert info.wall_seconds() == 60.0 and info.cpu_share() == 0.75  # 90 CPU s over 60 s x 2 threads
+    assert RunInfo(started=100.0, finished=160.0).cpu_share() is None  # older files: no CPU time recorded
+    assert RunInfo(started=100.0, cpu_seconds=1.0, machine={"torch_threads": 1}).wall_seconds() is None
+    assert RunInfo(started=100.0, finished=100.0, cpu_seconds=1.0, machine={"torch_threads": 1}).cpu_share() is None
+    assert RunInfo(started=True, finished=160.0).wall_seconds() is None  # a bool is not a time

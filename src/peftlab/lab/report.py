@@ -31,9 +31,9 @@ from peftlab.lab.result_record import (
     LrPilot,
     ResultError,
     ResultRecord,
-    RunInfo,
     SplitMetrics,
     TrainInfo,
+    number,
     read_result,
 )
 from peftlab.lab.significance import example_intervals, significance_blocks, with_example_intervals
@@ -246,18 +246,14 @@ def add_embedded_baselines(groups: list[Group], split: str) -> None:
                     groups.insert(0, Group(g.task, name, "default", 0, [base]))
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
 def metric_getter(split: str, name: str) -> Callable[[Run], float | None]:
     """A run's ``metrics[split][name]`` (None when absent or not a number)."""
-    return lambda run: _number(run.record.metric(split, name))
+    return lambda run: number(run.record.metric(split, name))
 
 
 def info_getter(field_of: Callable[[TrainInfo], Any]) -> Callable[[Run], float | None]:
     """A run's ``train_info`` field (``info_getter(lambda i: i.adapter_bytes)``; None when absent or not a number)."""
-    return lambda run: _number(field_of(run.info))
+    return lambda run: number(field_of(run.info))
 
 
 def epoch_seconds(run: Run) -> float | None:
@@ -265,7 +261,7 @@ def epoch_seconds(run: Run) -> float | None:
     info = run.info
     if info.epoch_seconds:
         return statistics.fmean(info.epoch_seconds)
-    seconds, epochs = _number(info.train_seconds), _number(info.epochs_completed)
+    seconds, epochs = number(info.train_seconds), number(info.epochs_completed)
     return seconds / epochs if seconds is not None and epochs else None
 
 
@@ -276,7 +272,7 @@ def metric_names(groups: list[Group], split: str) -> list[str]:
     for g in groups:
         for run in g.runs:
             for key, value in run.record.scores_of(split).items():
-                if key not in found and key != "n_examples" and "/" not in key and _number(value) is not None:
+                if key not in found and key != "n_examples" and "/" not in key and number(value) is not None:
                     found.append(key)
     rank = {k: i for i, k in enumerate(METRIC_ORDER)}
     return sorted(found, key=lambda k: (rank.get(k, len(rank)), k))
@@ -290,7 +286,7 @@ def _seconds(v: float) -> str:
 def forgetting_delta(run: Run) -> float | None:
     """A run's rise in cross-entropy on out-of-task text (``train_info.forgetting.delta_ce``; None if unmeasured)."""
     record = run.info.forgetting
-    return _number(record.delta_ce) if record is not None else None
+    return number(record.delta_ce) if record is not None else None
 
 
 # (header, value of a run, "min" or "max" is best, formatter) for the cost columns after the metrics.
@@ -463,15 +459,15 @@ def run_blocks(groups: list[Group], root: Path) -> list[Block]:
                 rows.append([g.label, "-", f"computed inside {run.embedded_in.relative_to(root)}", "-", "-", "-"])
                 continue
             env = json.dumps({"versions": info.versions, "machine": info.machine}, indent=1)
-            number = envs.setdefault(env, len(envs) + 1) if not info.empty else None
+            env_number = envs.setdefault(env, len(envs) + 1) if not info.empty else None
             finished = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.finished)) if info.finished is not None \
                 else "-"
             rows.append([g.label, str(run.seed), str(run.path.relative_to(root)), info.command or "-",
-                         str(info.git_commit or "-"), f"{finished}, env {number}" if number else finished])
+                         str(info.git_commit or "-"), f"{finished}, env {env_number}" if env_number else finished])
     blocks: list[Block] = [Heading(3, "Runs"),
                            Table(["group", "seed", "file", "command", "git commit", "finished, environment"], rows)]
-    for env, number in envs.items():
-        blocks += [Para(f"Environment {number}: versions and machine"), Pre(env)]
+    for env, env_number in envs.items():
+        blocks += [Para(f"Environment {env_number}: versions and machine"), Pre(env)]
     # Predicted (compare's estimate, <task>/estimate/predicted.json) vs actual wall time (finished - started).
     predictions: dict[Path, dict[str, Any]] = {}
     timed = []
@@ -488,11 +484,10 @@ def run_blocks(groups: list[Group], root: Path) -> list[Block]:
                 file = folder / "estimate" / "predicted.json"
                 predictions[folder] = _read_json(file) if file.is_file() else {}
             record = predictions[folder].get(stem)
-            p = _number(record.get("predicted_seconds")) if isinstance(record, dict) else None
-            started, finished = _number(info.started), _number(info.finished)
-            if (p is not None and run.embedded_in is None and not info.derived_from
-                    and started is not None and finished is not None):
-                timed.append((g.label, run.seed, p, finished - started, _cpu_share(info, finished - started)))
+            p = number(record.get("predicted_seconds")) if isinstance(record, dict) else None
+            wall = info.wall_seconds()
+            if p is not None and run.embedded_in is None and not info.derived_from and wall is not None:
+                timed.append((g.label, run.seed, p, wall, info.cpu_share()))
     if timed:
         table = Table(["group", "seed", "predicted", "actual", "actual / predicted", "CPU share"],
                       [[label, str(seed), _seconds(p), _seconds(a), f"{a / p:.2f}" if p > 0 else "-",
@@ -507,14 +502,6 @@ def run_blocks(groups: list[Group], root: Path) -> list[Block]:
             "times and tokens/s are slower than the machine's own; '-' for results written before it was "
             "recorded)."), table]
     return blocks
-
-
-def _cpu_share(info: RunInfo, wall_seconds: float) -> float | None:
-    """CPU seconds over wall seconds x torch threads: the share of its cores a run had (None if not recorded)."""
-    cpu, threads = _number(info.cpu_seconds), (info.machine or {}).get("torch_threads")
-    if cpu is None or not isinstance(threads, int) or threads < 1 or wall_seconds <= 0:
-        return None
-    return cpu / (wall_seconds * threads)
 
 
 def analysis_blocks(root: Path) -> list[Block]:

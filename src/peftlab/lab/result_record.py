@@ -80,6 +80,11 @@ def spare() -> Any:
     return field(default_factory=dict, metadata={"spare": True})
 
 
+def number(value: Any) -> float | None:
+    """A record field read as a number: ints and floats as float, anything else (None, text, bool) as None."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def _json_type(data: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string"}.get(type(data), type(data).__name__)
 
@@ -178,6 +183,19 @@ class RunInfo(Part):
         """``config[section][key]`` (``config_value("method", "name")``), None where the config lacks it."""
         part = self.config.get(section) if isinstance(self.config, Mapping) else None
         return part.get(key) if isinstance(part, Mapping) else None
+
+    def wall_seconds(self) -> float | None:
+        """``finished - started`` (a resumed run: from its last start), None where either is not a number."""
+        started, finished = number(self.started), number(self.finished)
+        return finished - started if started is not None and finished is not None else None
+
+    def cpu_share(self) -> float | None:
+        """CPU seconds over wall seconds x torch threads: the share of its cores the run had (well under 1: it
+        shared them); None where not recorded."""
+        cpu, wall, threads = number(self.cpu_seconds), self.wall_seconds(), (self.machine or {}).get("torch_threads")
+        if cpu is None or wall is None or wall <= 0 or not isinstance(threads, int) or threads < 1:
+            return None
+        return cpu / (wall * threads)
 
 
 @dataclass
