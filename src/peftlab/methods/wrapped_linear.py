@@ -80,7 +80,6 @@ class SlicedLinearWrapper(nn.Module):
         return out
 
 
-
 class DenseDeltaWrapper(SlicedLinearWrapper):
     """A wrapper whose update of each branch is a dense weight delta, :meth:`delta_rows` (stop - start, d_in) laid
     out like the branch's rows of W (LoHa, LoKr, OFT; VeRA merges through it): the forward adds x delta^T to the

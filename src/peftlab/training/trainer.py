@@ -99,13 +99,13 @@ OOM_ERRORS = (torch.OutOfMemoryError, MemoryError)
 OOM_TEXTS = ("out of memory", "can't allocate memory", "failed to allocate")  # CUDA, CPU allocator, MPS/XPU
 
 
-
-def planned_steps(cfg: Any, n_examples: int) -> int:
-    """The optimizer steps a run of ``n_examples`` training examples takes under ``cfg`` (a TrainConfig):
+def planned_steps(cfg: TrainConfig, n_examples: int) -> int:
+    """The optimizer steps a run of ``n_examples`` training examples takes under ``cfg``:
     ``max_steps`` when set, else ``epochs`` passes of ``ceil(n / batch_size)`` micro-batches over ``grad_accum``, but
     at least ``min_steps`` (patience may stop it earlier)."""
     per_epoch = math.ceil(n_examples / cfg.batch_size)
     return cfg.max_steps or max(1, cfg.min_steps or 0, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+
 
 class Trainer:
     """Trains ``method``'s parameters on encoded examples.
