@@ -263,7 +263,7 @@ def _fmt_duration(seconds: float) -> str:
 
 
 def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: Callable[[Any], None] | None = None,
-             log: Callable[[str], None] = print) -> list[ResultRecord]:
+             log: Callable[[str], None] = print, isolate: bool = False) -> list[ResultRecord]:
     """Run (or skip, record, resume) every planned run in order; returns every result, grid record included.
 
     Every run's status is decided before the first one starts, so a settings mismatch fails before any work.
@@ -275,11 +275,17 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
         command: the command line, recorded in each result's ``run_info.command``.
         on_step: passed to :func:`~peftlab.lab.experiment.train_run` (tests interrupt a run with it).
         log: where progress lines go.
+        isolate: run each training or evaluation in a child process of its own (:mod:`peftlab.lab.isolate`), so
+            that its peak memory is its own and a run the kernel kills is named; single-process grids only.
     """
+    from peftlab.lab.isolate import run_isolated
     from peftlab.lab.lr_pilot import extend_pilots, resolve, unresolved
     from peftlab.lab.result_record import write_result
-    from peftlab.training.distributed import is_main
+    from peftlab.training.distributed import is_main, launch_env
 
+    if isolate and (on_step is not None or launch_env() is not None):
+        raise ValueError("run_grid(isolate=True) runs each run in a child process: not with on_step (it does not "
+                         "cross processes) nor under a multi-process launch (the ranks must join each run)")
     runs = list(runs)  # pilots past the edge of a learning-rate range are inserted as the grid goes
     pilots_done = pilot_results(runs)
     statuses = {r.stem: run_status(r) for r in runs}
@@ -309,7 +315,10 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
         log(f"{tag} ..." + {"resume": " (resuming from its checkpoint)", "finished": " (recording the finished run)"}
             .get(status, ""))
         t0 = time.perf_counter()
-        result = _execute(run, status, done, command, on_step)
+        if isolate and run.kind != LEAD_3 and status != "finished":
+            result = run_isolated(run.stem, _execute, run, status, {}, command, None)
+        else:
+            result = _execute(run, status, done, command, on_step)
         assert result is not None  # rank 0 (the helper ranks returned above)
         result = dataclasses.replace(result, grid=_grid_cell(run, result))
         write_result(run.result_path, result)
@@ -401,9 +410,12 @@ def describe_plan(runs: list[PlannedRun]) -> str:
 
 def compare(grid_path: str | Path, overrides: list[str] | None = None, dry_run: bool = False,
             command: str = "peftlab compare", shard: str | None = None,
-            pilots_only: bool = False, estimate: bool = False) -> list[ResultRecord]:
+            pilots_only: bool = False, estimate: bool = False, isolate: bool = False) -> list[ResultRecord]:
     """Load, plan and run a grid (or shard ``k/n`` of it, :mod:`peftlab.lab.shard`; or only its learning-rate pilots);
-    prints progress and a summary table. Returns the results (none on a dry run or for pilots only)."""
+    prints progress and a summary table. Returns the results (none on a dry run or for pilots only).
+
+    ``isolate`` runs each run in a child process of its own (:func:`run_grid`), as the ``peftlab compare`` command
+    does in a single process; it is ignored under a multi-process launch, whose ranks join each run."""
     from peftlab.lab.lr_pilot import unresolved
     from peftlab.lab.shard import parse_shard, select_shard
 
@@ -441,7 +453,7 @@ def compare(grid_path: str | Path, overrides: list[str] | None = None, dry_run: 
     if dry_run:
         print(describe_plan(runs))
         return []
-    from peftlab.training.distributed import is_main
+    from peftlab.training.distributed import is_main, launch_env
     from peftlab.training.run_lock import folder_lock
 
     # One invocation per results folder: two would train the same runs into the same run folders.
@@ -450,7 +462,7 @@ def compare(grid_path: str | Path, overrides: list[str] | None = None, dry_run: 
             from peftlab.lab.estimate import predict_for_grid
 
             predict_for_grid(runs, Path(spec.results) / spec.name, run_status)
-        results = run_grid(runs, command=command)
+        results = run_grid(runs, command=command, isolate=isolate and launch_env() is None)
     if pilots_only or not results:  # only pilots, or a helper rank of a multi-process launch
         return []
     root = Path(spec.results) / spec.name
@@ -465,7 +477,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     command = "peftlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         compare(ns.grid, ns.overrides, ns.dry_run, command=command, shard=ns.shard, pilots_only=ns.pilots_only,
-                estimate=ns.estimate)
+                estimate=ns.estimate, isolate=not ns.in_process)
     except KeyboardInterrupt:
         print("\npeftlab: interrupted; finished runs are kept and the interrupted run resumes from its last "
               "checkpoint: run the same command again", file=sys.stderr)
@@ -489,5 +501,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "array or n machines sharing the results folder; `peftlab report` merges them")
     p.add_argument("--pilots-only", action="store_true",
                    help="run only the grid's learning-rate pilots (lr_pilot:), e.g. before starting --shard jobs")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every run in this process instead of a child process each (then memory one run leaves "
+                        "behind counts in the next run's peak)")
     p.set_defaults(func=cmd_compare)
     return p

@@ -1,0 +1,75 @@
+"""Each grid run in a child process of its own (peftlab.lab.isolate): results and exceptions come back, a killed
+child is named, and a run's recorded memory no longer includes what the grid's process holds."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+
+import pytest
+import torch
+import yaml
+
+from peftlab.config import ConfigError
+from peftlab.lab import compare as compare_mod
+from peftlab.lab.compare import add_parser, compare
+from peftlab.lab.compare_grid import load_grid
+from peftlab.lab.isolate import RunProcessError, run_isolated
+from peftlab.lab.results import resident_memory
+
+
+def test_the_result_comes_back_from_another_process():
+    assert run_isolated("pid", os.getpid) != os.getpid()
+    assert run_isolated("power", pow, 2, exp=10) == 1024
+
+
+def test_an_exception_keeps_its_type_and_carries_the_childs_traceback(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read grid file") as caught:
+        run_isolated("a grid", load_grid, tmp_path / "missing.yaml")
+    assert any("in the process of a grid" in note and "load_grid" in note for note in caught.value.__notes__)
+
+
+@pytest.mark.parametrize(("fn", "arg", "message"), [
+    (os._exit, 3, r"lora--x: the run's process exited with code 3 without a result; .*resumes it"),
+    (signal.raise_signal, signal.SIGKILL, r"lora--x: the run's process was killed by SIGKILL \(the kernel's "
+                                          r"out-of-memory killer"),
+])
+def test_a_child_that_dies_without_a_result_is_named(fn, arg, message):
+    with pytest.raises(RunProcessError, match=message):
+        run_isolated("lora--x", fn, arg)
+
+
+def test_isolated_grid_runs_record_their_own_memory(tiny_llama_dir, tmp_path):
+    grid = {"model": {"name": str(tiny_llama_dir)}, "task": {"name": "table-to-text"},
+            "data": {"path": "demo", "max_validation": 4, "max_test": 4},
+            "train": {"max_steps": 2, "batch_size": 4, "eval_examples": 0}, "eval": {"max_new_tokens": 4},
+            "methods": ["lora"], "n_train": [8], "seeds": [0], "results": str(tmp_path / "results"), "name": "t"}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    ballast = bytearray(1 << 30)  # 1 GiB this process holds (as an earlier run's leftovers would), touched
+    ballast[:: 4096] = b"\1" * (len(ballast) // 4096)
+    results = compare(path, isolate=True)
+    assert [r.grid.method for r in results] == ["zero-shot", "lora"]
+    for result in results:
+        start = result.train_info.start_memory_bytes
+        assert start is not None and start < (1 << 30), (result.grid.stem, start)  # the ballast is not in it
+        assert result.train_info.peak_memory_bytes >= start
+    assert resident_memory(torch.device("cpu")) > (1 << 30)  # ... while this process held it all along
+    del ballast
+
+
+def test_compare_refuses_isolation_with_an_in_process_hook(tmp_path):
+    with pytest.raises(ValueError, match="on_step"):
+        compare_mod.run_grid([], isolate=True, on_step=lambda state: None)
+
+
+def test_the_command_isolates_unless_told_in_process(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(compare_mod, "compare", lambda *args, **kwargs: seen.append(kwargs["isolate"]) or [])
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    for argv, expected in ((["compare", "g.yaml"], True), (["compare", "g.yaml", "--in-process"], False)):
+        ns = parser.parse_args(argv)
+        assert ns.func(ns) == 0
+    assert seen == [True, False]
