@@ -78,8 +78,9 @@ QUICK = ["data.max_train=4", "data.max_test=4", "eval.max_new_tokens=8"]  # --qu
 
 
 def measure(before: Path, after: Path, repeats: int, threads: int, cpus: str, tmp: Path,
-            extra: list[str]) -> dict[str, dict]:
-    """Per workload and side, every round's seconds; the sides alternate, starting with the other one each round."""
+            extra: list[str], partial: Path | None = None) -> dict[str, dict]:
+    """Per workload and side, every round's seconds; the sides alternate, starting with the other one each round.
+    ``partial``: the rounds so far are rewritten there after each run, so a benchmark cut short keeps them."""
     rounds: dict[str, dict[str, list[dict[str, float]]]] = {w: {"before": [], "after": []} for w in WORKLOADS}
     for r in range(repeats):
         for name, (_, _, workload) in WORKLOADS.items():
@@ -90,6 +91,8 @@ def measure(before: Path, after: Path, repeats: int, threads: int, cpus: str, tm
                 rounds[name][side].append(seconds)
                 print(f"round {r + 1}: {name} {side}: train {seconds['train']:.1f} s, eval {seconds['eval']:.1f} s",
                       flush=True)
+                if partial is not None:
+                    partial.write_text(json.dumps({"rounds": rounds, "complete": False}, indent=1))
     return rounds
 
 
@@ -128,7 +131,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="peftlab-grid-cost-") as tmp:
         before = worktree(args.before, Path(tmp) / "before")
-        rounds = measure(before, ROOT, args.repeats, args.threads, args.cpus, Path(tmp), QUICK if args.quick else [])
+        rounds = measure(before, ROOT, args.repeats, args.threads, args.cpus, Path(tmp), QUICK if args.quick else [],
+                         partial=Path(args.out) if args.out else None)
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
     found = ratios(rounds)
     report = {"before": args.before, "rounds": rounds, "ratios": found, "grids": {}}
