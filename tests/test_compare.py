@@ -18,6 +18,7 @@ from peftlab.lab.compare import add_parser, compare, plan, run_grid
 from peftlab.lab.compare_grid import expand_grid, load_grid, parse_grid, run_stem, variant_label
 from peftlab.lab.demo import DEMO_GRID
 from peftlab.lab.result_record import read_result
+from peftlab.training.checkpoint import latest_checkpoint, load_checkpoint
 from peftlab.training.trainer import Interrupt
 
 GRIDS = sorted((Path(__file__).resolve().parents[1] / "configs" / "compare").glob("*.yaml")) + [DEMO_GRID]
@@ -248,10 +249,14 @@ def test_interrupted_run_resumes_and_finished_run_is_recorded(tiny_llama_dir, tm
         run_grid(runs, on_step=interrupt)
     result_path = runs[0].result_path
     assert not result_path.exists() and (runs[0].run_dir / "checkpoints" / "LATEST").exists()
+    checkpointed = load_checkpoint(latest_checkpoint(runs[0].run_dir))[3]["train_state"]["wall_seconds"]
 
     result = run_grid(plan(parse_grid(grid, "grid.yaml")))[0]
     assert "resuming from its checkpoint" in capsys.readouterr().out
     assert result.run_info.config["resume"] is True and result.train_info.steps == 3
+    # Its wall time counts the interrupted attempt up to the checkpoint it resumed from.
+    assert checkpointed > 0 and result.run_info.earlier_seconds == checkpointed
+    assert result.run_info.wall_seconds() == pytest.approx(result.run_info.attempt_seconds() + checkpointed)
     assert json.loads(result_path.read_text())["grid"]["stem"] == "last-layer--default--n8--seed0"
 
     # A run that finished but whose grid file was lost (killed between the two writes) is recorded, not rerun.

@@ -5,6 +5,7 @@ shapes of earlier writers are the fixtures)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -194,3 +195,6 @@ def test_run_info_derives_wall_time_and_cpu_share_only_from_recorded_numbers():
     assert RunInfo(started=100.0, cpu_seconds=1.0, machine={"torch_threads": 1}).wall_seconds() is None
     assert RunInfo(started=100.0, finished=100.0, cpu_seconds=1.0, machine={"torch_threads": 1}).cpu_share() is None
     assert RunInfo(started=True, finished=160.0).wall_seconds() is None  # a bool is not a time
+    # A resumed run: its earlier attempts' time counts in its wall time, not in its last attempt's CPU share.
+    resumed = dataclasses.replace(info, earlier_seconds=240.0)
+    assert resumed.wall_seconds() == 300.0 and resumed.attempt_seconds() == 60.0 and resumed.cpu_share() == 0.75

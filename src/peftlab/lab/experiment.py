@@ -230,10 +230,12 @@ class RunStart:
     commit: str | None = dataclasses.field(default_factory=results.git_commit)
 
 
-def _run_info(cfg: RunConfig, setup: Setup, command: str, start: RunStart) -> RunInfo:
+def _run_info(cfg: RunConfig, setup: Setup, command: str, start: RunStart,
+              earlier_seconds: float | None = None) -> RunInfo:
     return RunInfo(command=command, config=cfg.to_dict(), versions=results.package_versions(),
                    machine=results.machine_info(setup.device), seed=cfg.train.seed, git_commit=start.commit,
-                   started=start.wall, finished=time.time(), cpu_seconds=time.process_time() - start.cpu)
+                   started=start.wall, finished=time.time(), cpu_seconds=time.process_time() - start.cpu,
+                   earlier_seconds=earlier_seconds or None)
 
 
 def _param_info(setup: Setup) -> dict[str, Any]:
@@ -280,11 +282,12 @@ def _train_locked(cfg: RunConfig, ctx: DistContext, command: str, on_step: Calla
     lr = cfg.train.lr or get_method(cfg.method.name).default_lr
     trainer = Trainer(setup.method, setup.encoder.encode_many(train), setup.encoder.encode_many(val), cfg.train,
                       out, setup.tokenizer.pad_token_id, lr, validation_metrics if metric_val else None,
-                      setup.device, on_step, setup.autocast, dist=ctx)
+                      setup.device, on_step, setup.autocast, dist=ctx, started=start.wall)
     if cfg.resume and trainer.resume() and ctx.is_main:
         print(f"[train] resumed from step {trainer.state.step} of {trainer.total_steps}", file=sys.stderr)
     state = trainer.fit()
     train_peak = results.peak_memory(ctx.device)["peak_memory_bytes"]
+    earlier = trainer.earlier_wall_seconds  # resumed: what the earlier attempts took up to the checkpoint
     epochs = state.epoch + state.batch_in_epoch / max(trainer.batches_per_epoch, 1)
     if trainer.sharded:  # FSDP shards: gather whole weights (all ranks), then rank 0 continues on a plain model
         weights = trainer.full_weights()
@@ -296,7 +299,7 @@ def _train_locked(cfg: RunConfig, ctx: DistContext, command: str, on_step: Calla
     info = {"lr": lr, "steps": state.step, "epochs_completed": epochs, "train_examples": len(train),
             "world_size": ctx.world_size, "skipped_nonfinite_steps": state.skipped_steps,
             "forgetting_before": forgetting_before, "start_memory_bytes": start_memory,
-            "train_peak_memory_bytes": train_peak}
+            "train_peak_memory_bytes": train_peak, "earlier_seconds": earlier}
     return _finish_train(cfg, setup, state, info, out, command, start)
 
 
@@ -319,6 +322,7 @@ def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[st
     frozen_body = sum(p.numel() for block in blocks[:setup.method.frozen_blocks()] for p in block.parameters())
     setup.method.after_training()
     forgetting = _forgetting_record(info.pop("forgetting_before"), forgetting_ce(setup, adapted=True))
+    earlier = info.pop("earlier_seconds")
     adapter_dir = save_adapter(setup.method, cfg.method.name, out / "adapter", cfg.model.name, setup.fingerprint,
                                extra={"task": _task_record(cfg.task, setup.task)})
     evaluation = evaluate_splits(setup, cfg.eval.splits)
@@ -350,7 +354,7 @@ def _finish_train(cfg: RunConfig, setup: Setup, state: TrainState, info: dict[st
         early_stop_step=state.step if state.stopped_early else None,
         forgetting=forgetting,
     )
-    result = ResultRecord(kind="train", run_info=_run_info(cfg, setup, command, start),
+    result = ResultRecord(kind="train", run_info=_run_info(cfg, setup, command, start, earlier),
                           train_info=train_info, metrics=evaluation.metrics, samples=evaluation.samples,
                           per_example=evaluation.per_example)
     write_result(out / RESULT_NAME, result)

@@ -176,6 +176,9 @@ class RunInfo(Part):
     started: float | None = value()  # Unix time
     finished: float | None = value()
     cpu_seconds: float | None = value()  # this process's CPU time (all its threads) from started to finished
+    # A resumed run: the wall seconds its earlier attempts took up to the checkpoint it resumed from (work done
+    # after that checkpoint was lost and is not counted); started/finished/cpu_seconds are the last attempt's.
+    earlier_seconds: float | None = value()
     derived_from: str | None = value()  # a baseline computed inside another run (lead-3: the zero-shot run's stem)
     other: dict[str, Any] = spare()
 
@@ -184,15 +187,22 @@ class RunInfo(Part):
         part = self.config.get(section) if isinstance(self.config, Mapping) else None
         return part.get(key) if isinstance(part, Mapping) else None
 
-    def wall_seconds(self) -> float | None:
-        """``finished - started`` (a resumed run: from its last start), None where either is not a number."""
+    def attempt_seconds(self) -> float | None:
+        """``finished - started``: the last attempt's wall time, None where either is not a number."""
         started, finished = number(self.started), number(self.finished)
         return finished - started if started is not None and finished is not None else None
 
+    def wall_seconds(self) -> float | None:
+        """The run's wall time: its last attempt's, plus what earlier attempts of a resumed run took up to the
+        checkpoint it resumed from; None where the last attempt's is unknown."""
+        attempt = self.attempt_seconds()
+        return None if attempt is None else attempt + (number(self.earlier_seconds) or 0.0)
+
     def cpu_share(self) -> float | None:
-        """CPU seconds over wall seconds x torch threads: the share of its cores the run had (well under 1: it
-        shared them); None where not recorded."""
-        cpu, wall, threads = number(self.cpu_seconds), self.wall_seconds(), (self.machine or {}).get("torch_threads")
+        """CPU seconds over wall seconds x torch threads, both of the last attempt: the share of its cores the run
+        had (well under 1: it shared them); None where not recorded."""
+        cpu, wall = number(self.cpu_seconds), self.attempt_seconds()
+        threads = (self.machine or {}).get("torch_threads")
         if cpu is None or wall is None or wall <= 0 or not isinstance(threads, int) or threads < 1:
             return None
         return cpu / (wall * threads)

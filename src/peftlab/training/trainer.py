@@ -81,6 +81,9 @@ class TrainState:
     trunk_cache: bool = False  # train.cache_frozen_trunk was in effect (the frozen part ran once per example)
     trunk_cache_bytes: int = 0  # bytes of cached trunk features at the end of fit(), summed over processes
     skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss/gradient (train.skip_nonfinite)
+    # Wall seconds the run had taken when this checkpoint was written, over all its attempts (each from its own
+    # ``started``: loading, training, validations); a resumed run adds its own attempt to it.
+    wall_seconds: float = 0.0
 
 
 class Interrupt(Exception):
@@ -128,19 +131,22 @@ class Trainer:
         dist: this process's place in a multi-process run (None: a single process). With several processes,
             ``cfg.batch_size`` stays the GLOBAL micro-batch (each rank takes its share of its rows), trainable
             parameters are broadcast from rank 0, and fully trained transformer blocks are sharded with FSDP.
+        started: when this attempt at the run started (Unix time; default: now), for ``TrainState.wall_seconds``.
     """
 
     def __init__(self, method: PeftMethod, train_data: list[EncodedExample], val_data: list[EncodedExample],
                  cfg: TrainConfig, out_dir: str | Path, pad_id: int, lr: float,
                  metric_fn: Callable[[], dict[str, float]] | None = None, device: torch.device | str = "cpu",
                  on_step: Callable[[TrainState], None] | None = None, autocast_bf16: bool = False,
-                 dist: D.DistContext | None = None) -> None:
+                 dist: D.DistContext | None = None, started: float | None = None) -> None:
         if not train_data:
             raise ValueError("no training examples (check data.path, data.train_split and data.max_train)")
         self.method, self.model = method, method.model
         self.train_data, self.val_data, self.cfg = train_data, val_data, cfg
         self.out_dir, self.pad_id, self.lr, self.device = Path(out_dir), pad_id, lr, torch.device(device)
         self.metric_fn, self.on_step = metric_fn, on_step
+        self.started = time.time() if started is None else started
+        self.earlier_wall_seconds = 0.0  # what earlier attempts had taken up to the checkpoint this one resumed
         self.autocast = autocast_bf16 or cfg.bf16
         self.dist = dist or D.DistContext(device=self.device)
         if self.dist.enabled and cfg.batch_size < self.dist.world_size and self.dist.is_main:
@@ -461,6 +467,7 @@ class Trainer:
         if self.dist.enabled:  # dropout draws differ per rank: an exact resume restores each rank's own stream
             trainer_state["rng_per_rank"] = self.dist.gather_objects(torch.get_rng_state())
         weights = self.full_weights()
+        self.state.wall_seconds = self.earlier_wall_seconds + (time.time() - self.started)
         if self.dist.is_main:
             # The log is fsynced first, so the length recorded is on disk whenever the checkpoint is.
             save_checkpoint(self.out_dir, self.state.step, weights, best, trainer_state,
@@ -490,6 +497,7 @@ class Trainer:
         same_world = per_rank is not None and len(per_rank) == self.dist.world_size
         torch.set_rng_state(per_rank[self.dist.rank] if same_world else trainer_state["rng"])
         self.state = TrainState(**state["train_state"])
+        self.earlier_wall_seconds = self.state.wall_seconds
         if self.dist.is_main and "metrics_bytes" in state:
             self.log.truncate_to(state["metrics_bytes"])
         elif self.dist.is_main:
