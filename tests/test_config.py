@@ -41,6 +41,7 @@ def test_yaml_then_overrides(tmp_path):
     ("bogus=1", "valid keys"),
     ("train.lr=0", "train.lr: must be > 0"),
     ("train.lr=-1e-3", "train.lr: must be > 0"),
+    ("eval.refill_rows=0", "eval.refill_rows: must be > 0"),
     ("method.r=0", "method.r"),
     ("method=prompt-tuning", None),
     ("train.batch_size=abc", "train.batch_size: expected an integer, got 'abc'"),

@@ -80,6 +80,33 @@ def test_continuous_batching_zero_shot():
     check_against_reference(varied(BaseModelHandle(tiny_llama())), batch_sizes=(2, 16))
 
 
+@pytest.mark.parametrize("refill_rows", [2, 3, 4, 9])
+def test_refills_wait_for_enough_free_rows_and_change_no_token(refill_rows, monkeypatch):
+    """``refill_rows``: waiting prompts are prefilled only once that many rows are free (or as many as still
+    wait), in one prompt pass; every prompt still gets the tokens of the per-prompt greedy loop, also with
+    ``refill_rows`` above the batch size."""
+    method = varied(applied_method("lora", "llama"))
+    eos_ids = eos_for_varied_lengths(method, PROMPTS)
+    expected = [reference_greedy(method, p, eos_ids, STEPS) for p in PROMPTS]
+    groups: list[int] = []
+    real_prefill = generate_module.prefill
+
+    def counting_prefill(method_, prompts, *args, **kwargs):
+        groups.append(len(prompts))
+        return real_prefill(method_, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "prefill", counting_prefill)
+    rows = 4
+    got = continuous_greedy_generate(method, PROMPTS, 1, eos_ids, STEPS, CPU, rows, drop_fraction=0.25,
+                                     refill_rows=refill_rows)
+    assert got == expected
+    assert groups[0] == rows and sum(groups) == len(PROMPTS)
+    waiting = len(PROMPTS) - rows
+    for group in groups[1:]:  # each refill: enough free rows, or every prompt still waiting
+        assert group >= min(refill_rows, rows, waiting), groups
+        waiting -= group
+
+
 def test_first_token_eos_and_one_new_token():
     """A newcomer whose first token is eos frees its row at once (and the next prompt takes it); with
     ``max_new_tokens=1`` every row ends at its prefill token and no decode step runs."""

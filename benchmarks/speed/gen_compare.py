@@ -6,6 +6,8 @@ Sides (``--variants``, all by default), each given the same prompt token ids and
 length-sorted batches of ``--batch-size`` prompts, one after another, over a preallocated KV cache with finished
 rows dropped. ``continuous``: the default evaluation path, continuous batching (finished rows refilled with waiting
 prompts). ``compiled``: continuous batching with the decode step under ``torch.compile`` (``eval.compile=true``).
+``refill4``, ``refill8``: continuous batching that prefills waiting prompts only once 4 (8) rows are free
+(``eval.refill_rows``), so refills are prompt passes over several rows instead of one.
 ``peft``: the same prompts in ``batched``'s batches, left-padded, through ``generate(do_sample=False,
 num_beams=1)``, cut at the first EOS. The PEFT adapter's weights are made non-trivial (seeded) and copied into
 peftlab's method, so both sides hold the same adapter.
@@ -66,8 +68,9 @@ from peftlab.models.loading import pretrained_source
 
 PEFT_PREFIX = "base_model.model."
 GEN_METHODS = ("lora-qv", "lora-all", "prompt-tuning", "prefix-tuning")
-# peftlab's sides: the predictor's (continuous_batching, compile_decode) settings.
-PEFTLAB_SIDES = {"batched": (False, False), "continuous": (True, False), "compiled": (True, True)}
+# peftlab's sides: the predictor's (continuous_batching, compile_decode, refill_rows) settings.
+PEFTLAB_SIDES = {"batched": (False, False, 1), "continuous": (True, False, 1), "compiled": (True, True, 1),
+                 "refill4": (True, False, 4), "refill8": (True, False, 8)}
 SIDES = (*PEFTLAB_SIDES, "peft")
 
 
@@ -238,8 +241,8 @@ def compare(args: argparse.Namespace, model: str) -> dict[str, Any]:
     warmup = by_length[:args.batch_size - 1] + by_length[-1:]  # the shapes of the timed run, longest cache included
     eos = eos_token_ids(reference.get_base_model(), setup.tokenizer)
     predictors = {name: ModelPredictor(setup.method, setup.tokenizer, setup.encoder, args.batch_size, 1,
-                                       setup.device, setup.autocast, continuous, compiled)
-                  for name, (continuous, compiled) in PEFTLAB_SIDES.items()}
+                                       setup.device, setup.autocast, continuous, compiled, refill)
+                  for name, (continuous, compiled, refill) in PEFTLAB_SIDES.items()}
     pad = predictors["batched"].pad_id
 
     def side(name: str) -> Side:

@@ -188,6 +188,8 @@ class EvalConfig:
                                           "the batch stays full (false: one length-sorted batch after another)")
     compile: bool = opt(False, "torch.compile (inductor) the greedy decode step (needs continuous_batching); off "
                                "until measured to pay on the machine at hand (BENCHMARKS.md)")
+    refill_rows: int = opt(1, "continuous batching prefills waiting prompts once this many rows are free (a prompt "
+                              "pass over several rows costs less per row than over one); the tokens are the same")
     splits: list[str] = opt(["test"], "splits to evaluate after training")
     show_examples: int = opt(5, "generated examples stored in the result and printed")
     forgetting_data: str | None = opt(None, "out-of-task text for the forgetting cross-entropy before/after training "
@@ -204,6 +206,7 @@ class EvalConfig:
         check(not self.compile or (self.continuous_batching and self.num_beams == 1), f"{prefix}.compile",
               "compiles the greedy decode step of continuous batching: needs eval.continuous_batching=true and "
               "eval.num_beams=1")
+        check(self.refill_rows > 0, f"{prefix}.refill_rows", "must be > 0")
         check(self.show_examples >= 0, f"{prefix}.show_examples", "must be >= 0")
         check(self.forgetting_examples > 0, f"{prefix}.forgetting_examples", "must be > 0")
         check(self.forgetting_tokens >= 2, f"{prefix}.forgetting_tokens", "must be >= 2")

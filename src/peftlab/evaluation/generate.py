@@ -145,7 +145,8 @@ def decode_prefilled(method: PeftMethod, state: Prefilled, pad_id: int, eos_ids:
 @torch.no_grad()
 def continuous_greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id: int, eos_ids: set[int],
                                max_new_tokens: int, device: torch.device, batch_size: int,
-                               drop_fraction: float = 0.25, compile_step: bool = False) -> list[list[int]]:
+                               drop_fraction: float = 0.25, compile_step: bool = False,
+                               refill_rows: int = 1) -> list[list[int]]:
     """Greedy continuations of every prompt, decoded ``batch_size`` rows at a time with continuous batching.
 
     The first ``batch_size`` prompts are prefilled together (:func:`prefill`) and their cache becomes a slot cache
@@ -156,6 +157,9 @@ def continuous_greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[in
     rows have finished). Each row keeps its own position ids and attention mask, so a row's tokens are those of
     the prompt decoded alone. Returns the continuations in the order of ``prompts`` (pass them sorted by length:
     rows then finish at similar times and a newcomer is never much longer than the batch).
+
+    ``refill_rows``: waiting prompts are prefilled once that many rows are free (or as many as are still waiting),
+    the free rows idling meanwhile; a prompt pass over several rows costs far less per row than over one.
 
     ``compile_step`` runs each decode step through :func:`compiled_decode_step` over the slot cache's full
     capacity (fixed shapes). A model whose cache is not plain (sliding-window layers, ...) falls back to
@@ -178,7 +182,8 @@ def continuous_greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[in
     batch.take(range(len(first)), next_token.tolist())
     progress = tqdm(total=len(prompts), desc="generate", unit="prompt", leave=False, mininterval=2.0)
     while True:
-        while queue and (free := batch.free()):  # refill; a newcomer may end at its first token and free its row
+        # Refill once enough rows are free; a newcomer may end at its first token and free its row.
+        while queue and len(free := batch.free()) >= min(refill_rows, len(batch.prompt), len(queue)):
             newcomers = [queue.popleft() for _ in range(min(len(free), len(queue)))]
             rows = free[:len(newcomers)]
             new = prefill(method, [prompts[i] for i in newcomers], pad_id, device)
@@ -190,8 +195,8 @@ def continuous_greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[in
         live = batch.live()
         if not live:
             break
-        finished = len(batch.prompt) - len(live)  # rows without a prompt: the queue is empty
-        if drop_fraction > 0 and finished and finished >= max(1.0, drop_fraction * len(batch.prompt)):
+        finished = len(batch.prompt) - len(live)  # rows without a prompt, waiting for a refill or for none
+        if not queue and drop_fraction > 0 and finished and finished >= max(1.0, drop_fraction * len(batch.prompt)):
             keep = torch.tensor(live, device=device)
             keep_rows(state.cache, keep)
             slots.keep(keep)
@@ -337,15 +342,16 @@ class ModelPredictor:
             (:func:`greedy_generate`), as before it existed.
         compile_decode: with continuous batching, run each decode step through ``torch.compile``
             (:func:`compiled_decode_step`).
+        refill_rows: with continuous batching, prefill waiting prompts once this many rows are free.
     """
 
     def __init__(self, method: PeftMethod, tokenizer, encoder: PromptEncoder, batch_size: int = 16,
                  num_beams: int = 1, device: torch.device | str = "cpu", autocast_bf16: bool = False,
-                 continuous_batching: bool = True, compile_decode: bool = False) -> None:
+                 continuous_batching: bool = True, compile_decode: bool = False, refill_rows: int = 1) -> None:
         self.method, self.tokenizer, self.encoder = method, tokenizer, encoder
         self.batch_size, self.num_beams, self.device = batch_size, num_beams, torch.device(device)
         self.autocast = autocast_bf16
-        self.continuous, self.compile_decode = continuous_batching, compile_decode
+        self.continuous, self.compile_decode, self.refill_rows = continuous_batching, compile_decode, refill_rows
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = eos_token_ids(method.model, tokenizer)
 
@@ -374,7 +380,7 @@ class ModelPredictor:
             if self.num_beams == 1 and self.continuous:
                 rows = continuous_greedy_generate(self.method, [prompts[i] for i in order], self.pad_id,
                                                   self.eos_ids, max_new_tokens, self.device, self.batch_size,
-                                                  compile_step=self.compile_decode)
+                                                  compile_step=self.compile_decode, refill_rows=self.refill_rows)
             else:
                 rows = []
                 for start in tqdm(range(0, len(order), self.batch_size), desc="generate", unit="batch",

@@ -96,7 +96,7 @@ class Setup:
     def predictor(self) -> ModelPredictor:
         return ModelPredictor(self.method, self.tokenizer, self.encoder, self.cfg.eval.batch_size,
                               self.cfg.eval.num_beams, self.device, self.autocast,
-                              self.cfg.eval.continuous_batching, self.cfg.eval.compile)
+                              self.cfg.eval.continuous_batching, self.cfg.eval.compile, self.cfg.eval.refill_rows)
 
 
 def _fill_tokenizer_options(options: dict[str, Any], tokenizer) -> dict[str, Any]:
