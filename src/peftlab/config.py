@@ -189,7 +189,8 @@ class EvalConfig:
     compile: bool = opt(False, "torch.compile (inductor) the greedy decode step (needs continuous_batching); off "
                                "until measured to pay on the machine at hand (BENCHMARKS.md)")
     refill_rows: int = opt(1, "continuous batching prefills waiting prompts once this many rows are free (a prompt "
-                              "pass over several rows costs less per row than over one); the tokens are the same")
+                              "pass over several rows costs less per row than over one); the same tokens in fp32, "
+                              "while under bf16 another grouping can change some, as eval.batch_size can")
     splits: list[str] = opt(["test"], "splits to evaluate after training")
     show_examples: int = opt(5, "generated examples stored in the result and printed")
     forgetting_data: str | None = opt(None, "out-of-task text for the forgetting cross-entropy before/after training "

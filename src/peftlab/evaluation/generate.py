@@ -159,7 +159,9 @@ def continuous_greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[in
     rows then finish at similar times and a newcomer is never much longer than the batch).
 
     ``refill_rows``: waiting prompts are prefilled once that many rows are free (or as many as are still waiting),
-    the free rows idling meanwhile; a prompt pass over several rows costs far less per row than over one.
+    the free rows idling meanwhile; a prompt pass over several rows costs less per row than over one. In fp32 the
+    tokens do not depend on it; under bf16 autocast, which prompts share a prefill changes the rounding, and some
+    rows their tokens (10 of 32 CNN/DM articles at 4 or 8; BENCHMARKS.md), as ``batch_size`` does.
 
     ``compile_step`` runs each decode step through :func:`compiled_decode_step` over the slot cache's full
     capacity (fixed shapes). A model whose cache is not plain (sliding-window layers, ...) falls back to

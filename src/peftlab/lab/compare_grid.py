@@ -486,10 +486,7 @@ def expand_grid(spec: GridSpec, solver: BudgetSolver | None = None, shape: Any =
 
 
 # Keys that do not change a run's numbers: a finished run recorded with other values still counts as done.
-# Settings that change neither what a run trains nor what it outputs (eval.refill_rows: when continuous batching
-# prefills waiting prompts, a speed setting: the tokens are the same).
-IGNORED_KEYS = ("out", "resume", "adapter", "train.device", "eval.show_examples", "train.log_every",
-                "eval.refill_rows")
+IGNORED_KEYS = ("out", "resume", "adapter", "train.device", "eval.show_examples", "train.log_every")
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
