@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -40,6 +43,52 @@ def test_a_child_that_dies_without_a_result_is_named(fn, arg, message):
         run_isolated("lora--x", fn, arg)
 
 
+ORPHAN_SCRIPT = """
+import os, sys, time
+from peftlab.lab.isolate import run_isolated
+
+def report_and_sleep(path):
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    time.sleep(300)
+
+if __name__ == "__main__":
+    run_isolated("sleeper", report_and_sleep, sys.argv[1])
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone for this purpose
+        return f.read().split(") ")[-1][0] != "Z"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_a_child_stops_when_the_grid_process_is_killed(tmp_path):
+    """The fork server outlives a killed parent while a child runs; the child must not go on training alone."""
+    script, pid_file = tmp_path / "grid.py", tmp_path / "child.pid"
+    script.write_text(ORPHAN_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script), str(pid_file)])
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists():
+            assert parent.poll() is None and time.monotonic() < deadline, "the child never started"
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        assert _alive(child)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child), "the run's process went on after the grid's process was killed"
+
+
 def test_isolated_grid_runs_record_their_own_memory(tiny_llama_dir, tmp_path):
     grid = {"model": {"name": str(tiny_llama_dir)}, "task": {"name": "table-to-text"},
             "data": {"path": "demo", "max_validation": 4, "max_test": 4},
@@ -71,5 +120,4 @@ def test_the_command_isolates_unless_told_in_process(monkeypatch, tmp_path):
     add_parser(parser.add_subparsers())
     for argv, expected in ((["compare", "g.yaml"], True), (["compare", "g.yaml", "--in-process"], False)):
         ns = parser.parse_args(argv)
-        assert ns.func(ns) == 0
-    assert seen == [True, False]
+        assert ns.func(ns) == 0 and seen[-1] is expected

@@ -7,15 +7,16 @@ a run the kernel kills (out of memory) is reported by name instead of taking the
 
 Children are forked from a ``forkserver`` that has imported torch and peftlab once (start-up costs well under a
 second per run instead of the ~9 CPU-seconds of a fresh interpreter), and no child inherits the parent's memory,
-threads or open files (the results folder's lock stays with the parent). A child dies with its parent (Linux).
+threads or open files (the results folder's lock stays with the parent). A child stops when its parent dies.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
-import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -39,15 +40,20 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 def _die_with_parent() -> None:
-    """Ask the kernel to stop this process when its parent dies (Linux), so no orphan goes on training."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
+    """Stop this process when the process that started it dies (killed, say), so that no orphan goes on training.
 
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    The fork server is this process's OS parent and outlives a killed grid while any child runs, so the watch is on
+    the starting process itself: multiprocessing's sentinel of it turns ready when it is gone.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="peftlab: parent watch", daemon=True).start()
 
 
 def _child(conn: Any, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> None:
