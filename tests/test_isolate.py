@@ -54,7 +54,10 @@ def report_and_sleep(path):
     time.sleep(300)
 
 if __name__ == "__main__":
-    run_isolated("sleeper", report_and_sleep, sys.argv[1])
+    try:
+        run_isolated("sleeper", report_and_sleep, sys.argv[1])
+    except KeyboardInterrupt:
+        sys.exit(130)
 """
 
 
@@ -67,26 +70,48 @@ def _alive(pid: int) -> bool:
         return f.read().split(") ")[-1][0] != "Z"
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
-def test_a_child_stops_when_the_grid_process_is_killed(tmp_path):
-    """The fork server outlives a killed parent while a child runs; the child must not go on training alone."""
+def _start_grid(tmp_path) -> tuple[subprocess.Popen, int]:
+    """A process running a sleeping child through run_isolated; returns it and the child's pid."""
     script, pid_file = tmp_path / "grid.py", tmp_path / "child.pid"
     script.write_text(ORPHAN_SCRIPT)
     parent = subprocess.Popen([sys.executable, str(script), str(pid_file)])
+    deadline = time.monotonic() + 120
+    while not pid_file.exists():
+        if parent.poll() is not None or time.monotonic() > deadline:
+            parent.kill()
+            pytest.fail("the child never started")
+        time.sleep(0.1)
+    return parent, int(pid_file.read_text())
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _alive(pid)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_a_child_stops_when_the_grid_process_is_killed(tmp_path):
+    """The fork server outlives a killed parent while a child runs; the child must not go on training alone."""
+    parent, child = _start_grid(tmp_path)
+    assert _alive(child)
+    parent.kill()
+    parent.wait()
+    assert _gone_within(child, 20), "the run's process went on after the grid's process was killed"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_an_interrupt_of_the_grid_process_alone_reaches_the_child(tmp_path):
+    """kill -INT of the grid process only (not its process group): the child is interrupted after a grace
+    period, and the grid process ends with the interrupt once the child has stopped."""
+    parent, child = _start_grid(tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while not pid_file.exists():
-            assert parent.poll() is None and time.monotonic() < deadline, "the child never started"
-            time.sleep(0.1)
-        child = int(pid_file.read_text())
-        assert _alive(child)
+        parent.send_signal(signal.SIGINT)
+        assert parent.wait(timeout=60) == 130
     finally:
         parent.kill()
-        parent.wait()
-    deadline = time.monotonic() + 20
-    while _alive(child) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(child), "the run's process went on after the grid's process was killed"
+    assert _gone_within(child, 5)
 
 
 def test_isolated_grid_runs_record_their_own_memory(tiny_llama_dir, tmp_path):

@@ -12,11 +12,13 @@ threads or open files (the results folder's lock stays with the parent). A child
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -78,15 +80,17 @@ def _describe_exit(code: int | None) -> str:
     return f"exited with code {code} without a result"
 
 
-def _interrupt(proc: multiprocessing.process.BaseProcess, receive: Any) -> None:
-    """Pass an interrupt on to the child (a Ctrl-C at a terminal already reached it) and wait for it to stop,
-    reading what it sends meanwhile so that it never blocks on a full pipe."""
-    if proc.is_alive() and proc.pid is not None:
-        try:
-            os.kill(proc.pid, signal.SIGINT)
-        except ProcessLookupError:
-            pass
+def _interrupt(proc: multiprocessing.process.BaseProcess, receive: Any, grace: float = 5.0) -> None:
+    """After an interrupt here: let the child stop (a Ctrl-C at a terminal reached it too), pass the interrupt on if
+    it is still running after ``grace`` seconds (only this process was signalled), and wait for it, reading what it
+    sends meanwhile so that it never blocks on a full pipe."""
+    deadline = time.monotonic() + grace
+    signalled = False
     while proc.is_alive():
+        if not signalled and time.monotonic() > deadline and proc.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGINT)
+            signalled = True
         try:
             if receive.poll(0.5):
                 receive.recv()
