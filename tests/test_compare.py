@@ -205,6 +205,7 @@ def test_grid_runs_writes_files_and_skips_done_runs(tiny_llama_dir, tmp_path, mo
     for stem, result in zip(stems, results, strict=True):
         saved = read_result(root / f"{stem}.json")
         assert saved.grid.stem == stem and saved.metrics == result.metrics
+        assert saved.run_info.process == "shared"  # compare() in this process: the runs shared it
         assert "bleu" in saved.scores_of("test")
     lora = json.loads((root / f"{stems[2]}.json").read_text())
     assert lora["grid"] == {"method": "lora", "variant": "dropout=0.1", "n_train": 8, "seed": 0, "budget": None,

@@ -128,7 +128,7 @@ def test_isolated_grid_runs_record_their_own_memory(tiny_llama_dir, tmp_path):
     for result in results:
         start = result.train_info.start_memory_bytes
         assert start is not None and start < (1 << 30), (result.grid.stem, start)  # the ballast is not in it
-        assert result.train_info.peak_memory_bytes >= start
+        assert result.train_info.peak_memory_bytes >= start and result.run_info.process == "own"
     assert resident_memory(torch.device("cpu")) > (1 << 30)  # ... while this process held it all along
     del ballast
 

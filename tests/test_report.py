@@ -80,7 +80,7 @@ def make_result(method: str, variant: str, n: int, seed: int) -> dict:
                      "versions": {"python": "3.11.2", "torch": "2.13.0", "peftlab": "0.1.0"},
                      "machine": {"cpu": "Test CPU", "cpu_count": 2, "device": "cpu"},
                      "seed": seed, "git_commit": "abc123", "started": 1.7e9 + rng.uniform(0, 1e6),
-                     "finished": 1.7e9 + 2e6},
+                     "finished": 1.7e9 + 2e6, "process": "own"},
         "train_info": {"method": {"name": method}, "trainable_params": trainable, "total_params": TOTAL_PARAMS,
                        "trainable_percent": 100 * trainable / TOTAL_PARAMS, "lr": 1e-3, "steps": steps,
                        "epochs_completed": 2.0, "train_examples": n, "train_seconds": seconds,
@@ -269,6 +269,28 @@ def test_a_column_where_all_rows_tie_has_no_best(tmp_path):
     table = summary_table(groups, "test", ["rougeL", "rouge1"])
     assert {c for _, c in table.best} == {5, 6, 7, 8, 9, 10}  # not 4 (rougeL) nor 11 (FLOPs): both tie
     assert table.rows[0][4] == table.rows[1][4] == "20.00 (1 seed)"
+
+
+def test_peak_memory_of_runs_that_shared_a_grid_process_is_marked(tmp_path):
+    """A grid run that shared its process with earlier runs (or did not record that it had its own) has a peak
+    that includes their leftovers: its cell gets a mark and the table a footnote; runs in their own process none."""
+    for method, process in (("lora", "own"), ("last-layer", "shared"), ("prompt-tuning", None)):
+        result = make_result(method, "default", 100, 0)
+        if process is None:
+            del result["run_info"]["process"]
+        else:
+            result["run_info"]["process"] = process
+        _write(tmp_path / TASK / f"{result['grid']['stem']}.json", result)
+    groups = group_runs(load_runs(tmp_path))[TASK]
+    peak = summary_table(groups, "test", ["rougeL"]).headers.index("peak mem")
+    cells = {row[0]: row[peak] for row in summary_table(groups, "test", ["rougeL"]).rows}
+    assert not cells["lora"].endswith("†") and cells["last-layer"].endswith(" †")
+    assert cells["prompt-tuning"].endswith(" †")
+    md = write_report(tmp_path)[0].read_text()
+    assert "† Peak memory measured in a grid process that had run other runs before" in md
+    (tmp_path / TASK / "last-layer--default--n100--seed0.json").unlink()
+    (tmp_path / TASK / "prompt-tuning--default--n100--seed0.json").unlink()
+    assert "† Peak memory" not in write_report(tmp_path)[0].read_text()
 
 
 def _write(path: Path, data: dict) -> None:

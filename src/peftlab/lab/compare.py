@@ -315,11 +315,15 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
         log(f"{tag} ..." + {"resume": " (resuming from its checkpoint)", "finished": " (recording the finished run)"}
             .get(status, ""))
         t0 = time.perf_counter()
-        if isolate and run.kind != LEAD_3 and status != "finished":
+        ran = run.kind != LEAD_3 and status != "finished"  # a model ran here (not derived, not recorded)
+        if isolate and ran:
             result = run_isolated(run.stem, _execute, run, status, {}, command, None)
         else:
             result = _execute(run, status, done, command, on_step)
         assert result is not None  # rank 0 (the helper ranks returned above)
+        if ran:
+            result = dataclasses.replace(result, run_info=dataclasses.replace(
+                result.run_info, process="own" if isolate else "shared"))
         result = dataclasses.replace(result, grid=_grid_cell(run, result))
         write_result(run.result_path, result)
         done[run.stem] = result

@@ -300,6 +300,25 @@ COST_COLUMNS: list[tuple[str, Callable[[Run], float | None], str, Callable[[floa
 ]
 
 
+SHARED_MARK = " †"
+
+
+def shared_process(group: Group) -> bool:
+    """Some grid run of the group shared its process with earlier runs (or did not record that it had its own),
+    so its peak memory includes what they left behind."""
+    return any(run.record.grid is not None and run.record.run_info.process != "own" and run.embedded_in is None
+               and run.info.peak_memory_bytes is not None for run in group.runs)
+
+
+def shared_process_note(groups: list[Group]) -> list[Block]:
+    """The footnote of the summary's † marks, where there are any."""
+    if not any(shared_process(g) for g in groups):
+        return []
+    return [Para(f"{SHARED_MARK.strip()} Peak memory measured in a grid process that had run other runs before "
+                 "(compare ran a grid in one process before 7066679, or with --in-process): it includes what they "
+                 "left behind, so it is not comparable between runs.")]
+
+
 def _mark_best(table: Table, column: int, means: list[float | None], better: str) -> None:
     """Mark every row whose mean equals the column's best (a zero cost never wins)."""
     candidates = [(r, m) for r, m in enumerate(means) if m is not None and (better == "max" or m > 0)]
@@ -326,10 +345,11 @@ def summary_table(groups: list[Group], split: str, metrics: list[str]) -> Table:
         count, pct = g.stat(trainable), g.stat(percent)
         columns[len(row)].append(count.mean if count and g.n_train else None)  # costs: trained groups compete
         row.append(f"{format_count(int(count.mean))} ({pct.mean:.3g}%)" if count and pct else "-")
-        for _header, get, _better, fmt in COST_COLUMNS:
+        for header, get, _better, fmt in COST_COLUMNS:
             stat = g.stat(get)
             columns[len(row)].append(stat.mean if stat and g.n_train else None)
-            row.append(fmt(stat.mean) if stat else "-")  # costs: the mean (a CI is for the task metrics)
+            mark = SHARED_MARK if header == "peak mem" and stat and shared_process(g) else ""
+            row.append(fmt(stat.mean) + mark if stat else "-")  # costs: the mean (a CI is for the task metrics)
         table.rows.append(row)
     betters = ["max"] * len(metrics) + ["min"] + [c[2] for c in COST_COLUMNS]
     for offset, better in enumerate(betters):
@@ -534,7 +554,7 @@ def build_blocks(root: Path, split: str = "test") -> list[Block]:
         add_embedded_baselines(groups, task_split)
         metrics = metric_names(groups, task_split)
         summary = with_example_intervals(summary_table(groups, task_split, metrics), groups, task_split, metrics)
-        blocks += [Heading(2, f"Task: {task} ({task_split} split)"), summary]
+        blocks += [Heading(2, f"Task: {task} ({task_split} split)"), summary, *shared_process_note(groups)]
         blocks += significance_blocks(groups, task_split, metrics)  # paired tests over the test examples
         blocks += lr_pilot_blocks(groups)
         blocks += plot_blocks(task, groups, task_split, metrics)

@@ -179,6 +179,10 @@ class RunInfo(Part):
     # A resumed run: the wall seconds its earlier attempts took up to the checkpoint it resumed from (work done
     # after that checkpoint was lost and is not counted); started/finished/cpu_seconds are the last attempt's.
     earlier_seconds: float | None = value()
+    # "own": the run had a process of its own (compare runs each run in a child process); "shared": a grid's process
+    # that ran earlier runs too, whose leftovers count in this run's peak memory; None: not recorded (a lone
+    # `peftlab train`/`eval` has its process to itself; a grid result from before 7066679 shared its process).
+    process: str | None = value()
     derived_from: str | None = value()  # a baseline computed inside another run (lead-3: the zero-shot run's stem)
     other: dict[str, Any] = spare()
 
