@@ -237,6 +237,16 @@ def test_grid_runs_writes_files_and_skips_done_runs(tiny_llama_dir, tmp_path, mo
     assert [compare_mod.run_status(r) for r in longer] == ["done"] * 3
 
 
+def test_eta_scales_each_pending_runs_prediction_by_how_finished_runs_did():
+    predicted = {"pilot-a": 100.0, "pilot-b": 100.0, "main": 600.0}
+    assert compare_mod._eta(["main"], [], predicted) == 600.0  # nothing finished yet: the prediction
+    # Two short pilots took twice their prediction: the long run left is expected to as well, not to take as long
+    # as a pilot; a run without a prediction (a pilot added past an edge) counts as the mean finished run.
+    finished = [("pilot-a", 200.0), ("pilot-b", 220.0)]
+    assert compare_mod._eta(["main", "extra"], finished, predicted) == pytest.approx(600.0 * 2.1 + 210.0)
+    assert compare_mod._eta(["main"], finished, {}) == 210.0  # no estimate at all: the mean, as before
+
+
 def test_interrupted_run_resumes_and_finished_run_is_recorded(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     grid = _grid(tmp_path, tiny_llama_dir, methods=["last-layer"], n_train=[8], baselines=False)
     grid["train"] = {**grid["train"], "save_every": 1}

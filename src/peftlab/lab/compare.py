@@ -262,8 +262,21 @@ def _fmt_duration(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
 
 
+def _eta(pending: list[str], finished: list[tuple[str, float]], predicted: dict[str, float]) -> float:
+    """Seconds left: each pending run's predicted seconds, scaled by how this invocation's finished runs compared
+    with their predictions (actual / predicted), so that short pilots do not make long runs look short; a run
+    without a prediction counts as the mean finished run."""
+    if not finished:
+        return sum(predicted.get(stem, 0.0) for stem in pending)
+    mean = statistics.mean(seconds for _, seconds in finished)
+    pairs = [(seconds, predicted[stem]) for stem, seconds in finished if predicted.get(stem)]
+    scale = sum(a for a, _ in pairs) / sum(p for _, p in pairs) if pairs else 1.0
+    return sum(predicted[stem] * scale if predicted.get(stem) else mean for stem in pending)
+
+
 def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: Callable[[Any], None] | None = None,
-             log: Callable[[str], None] = print, isolate: bool = False) -> list[ResultRecord]:
+             log: Callable[[str], None] = print, isolate: bool = False,
+             predicted: dict[str, float] | None = None) -> list[ResultRecord]:
     """Run (or skip, record, resume) every planned run in order; returns every result, grid record included.
 
     Every run's status is decided before the first one starts, so a settings mismatch fails before any work.
@@ -277,6 +290,7 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
         log: where progress lines go.
         isolate: run each training or evaluation in a child process of its own (:mod:`peftlab.lab.isolate`), so
             that its peak memory is its own and a run the kernel kills is named; single-process grids only.
+        predicted: each run's predicted seconds (by stem, from the estimate), for the ETA after each run.
     """
     from peftlab.lab.isolate import run_isolated
     from peftlab.lab.lr_pilot import extend_pilots, resolve, unresolved
@@ -300,8 +314,7 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
     counts = {s: list(statuses.values()).count(s) for s in ("done", "finished", "resume", "new")}
     log(f"[compare] {len(runs)} runs: {counts['done']} done earlier, {counts['resume']} to resume, "
         f"{counts['new'] + counts['finished']} to run -> {runs[0].result_path.parent}/")
-    left = sum(1 for r in runs if statuses[r.stem] in ("new", "resume") and r.kind != LEAD_3)
-    seconds_per_run: list[float] = []
+    finished: list[tuple[str, float]] = []  # (stem, seconds) of the runs this invocation ran
     done: dict[str, ResultRecord] = {}
     k = 0
     while k < len(runs):
@@ -332,7 +345,6 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
             pilots_done[run.stem] = result
             for extra in extend_pilots(runs, pilots_done, _read_result):
                 statuses[extra.stem] = run_status(extra)
-                left += 1
                 log(f"{tag}: the best rate of {run.pilot_group} is at the edge of those tried: one more pilot at "
                     f"lr {extra.cfg.train.lr:.3g}")
             record = resolve(runs, pilots_done).get(run.pilot_group or "")
@@ -341,9 +353,9 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
                     f"(x{record['chosen_factor']:g} the untuned rate), validation loss "
                     f"{_loss(record['chosen_val_loss'])} against {_loss(record['default_val_loss'])} untuned")
         if status in ("new", "resume") and run.kind != LEAD_3:
-            seconds_per_run.append(seconds)
-            left -= 1
-        eta = statistics.mean(seconds_per_run) * left if seconds_per_run else 0.0
+            finished.append((run.stem, seconds))
+        pending = [r.stem for r in runs[k:] if statuses[r.stem] in ("new", "resume") and r.kind != LEAD_3]
+        eta = _eta(pending, finished, predicted or {})
         log(f"{tag} done in {seconds:.0f}s, ETA {_fmt_duration(eta)}")
         used = result.train_info.train_examples
         if run.kind == "train" and run.grid["n_train"] is not None and used is not None and used < run.grid["n_train"]:
@@ -462,11 +474,13 @@ def compare(grid_path: str | Path, overrides: list[str] | None = None, dry_run: 
 
     # One invocation per results folder: two would train the same runs into the same run folders.
     with folder_lock(Path(spec.results) / spec.name, "results", enabled=is_main(), **lock):
+        predicted: dict[str, float] = {}
         if is_main():  # the predicted total and finish time; estimate/predicted.json keeps each run's prediction
             from peftlab.lab.estimate import predict_for_grid
 
-            predict_for_grid(runs, Path(spec.results) / spec.name, run_status)
-        results = run_grid(runs, command=command, isolate=isolate and launch_env() is None)
+            estimate = predict_for_grid(runs, Path(spec.results) / spec.name, run_status)
+            predicted = {r.stem: r.seconds["total"] for r in estimate.runs} if estimate is not None else {}
+        results = run_grid(runs, command=command, isolate=isolate and launch_env() is None, predicted=predicted)
     if pilots_only or not results:  # only pilots, or a helper rank of a multi-process launch
         return []
     root = Path(spec.results) / spec.name
