@@ -131,7 +131,7 @@ def test_pilot_grid_trains_at_the_chosen_rate_and_resumes(tiny_llama_dir, tmp_pa
     assert dry == [] and f"lr: {best_lr:.3g} (pilot)" in capsys.readouterr().out
 
     # The report does not mistake pilots for runs, and shows what was picked.
-    from peftlab.lab.report import load_runs
+    from peftlab.lab.report_runs import load_runs
 
     assert len(load_runs(tmp_path / "results")) == 2
 

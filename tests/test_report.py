@@ -16,21 +16,10 @@ from pathlib import Path
 import pytest
 
 from peftlab.lab import plots
-from peftlab.lab.report import (
-    ReportError,
-    add_embedded_baselines,
-    add_parser,
-    analysis_blocks,
-    group_runs,
-    load_runs,
-    mean_ci,
-    metric_names,
-    run_blocks,
-    summary_table,
-    t_quantile_975,
-    write_report,
-)
+from peftlab.lab.report import add_parser, analysis_blocks, run_blocks, write_report
 from peftlab.lab.report_render import Table
+from peftlab.lab.report_runs import ReportError, add_embedded_baselines, group_runs, load_runs, mean_ci, t_quantile_975
+from peftlab.lab.report_table import metric_names, summary_table
 
 TASK = "summarization"
 TOTAL_PARAMS = 134_515_008

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from peftlab.evaluation.metrics import bleu_from_statistics, macro_f1
-from peftlab.lab.report import group_runs, load_runs, write_report
+from peftlab.lab.report import write_report
+from peftlab.lab.report_runs import group_runs, load_runs
 from peftlab.lab.significance import (
     SignificanceError,
     available_metrics,
@@ -312,7 +313,7 @@ def test_train_and_classification_eval_write_per_example_records(tiny_llama_dir,
 
 
 def test_a_baseline_read_from_another_runs_metrics_is_compared_with_its_records(tmp_path):
-    from peftlab.lab.report import add_embedded_baselines
+    from peftlab.lab.report_runs import add_embedded_baselines
 
     folder = tmp_path / "summarization"
     folder.mkdir()

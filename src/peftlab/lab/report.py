@@ -1,11 +1,10 @@
 """`peftlab report RESULTS_DIR`: one Markdown and one self-contained HTML report built only from result files.
 
-Input: ``RESULTS_DIR/<task>/<method>--<variant>--n<N>--seed<k>.json`` (a result record, see
-:mod:`peftlab.lab.result_record`, with its ``grid`` cell ``{method, variant, n_train, seed, ...}``; baselines
-such as ``lead-3--default--n0--seed0.json`` may hold metrics only) and/or plain run folders with a ``result.json``
-(method, variant and N then come from ``run_info.config`` / ``train_info``). Runs are grouped by (task, method,
-variant, N); every number is a mean over seeds with a 95% Student-t confidence interval.
-``RESULTS_DIR/analysis/*.png|*.json`` becomes its own section.
+Input: the result files under RESULTS_DIR, read and grouped by (task, method, variant, N) over seeds in
+:mod:`peftlab.lab.report_runs`; every number is a mean over seeds with a 95% Student-t confidence interval.
+``RESULTS_DIR/analysis/*.png|*.json`` becomes its own section. Each task's section: the summary table
+(:mod:`peftlab.lab.report_table`), paired significance tests, the learning rates the lr pilots chose, plots,
+generated samples, and every run's command, commit and predicted vs actual time.
 
 Output (``--out``, default RESULTS_DIR): ``report.md`` (images linked from ``report_files/``) and ``report.html``
 (images embedded as data URIs, inline CSS, no script and no external resource: it opens offline).
@@ -15,346 +14,36 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
-import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from peftlab.durable import atomic_write_bytes, atomic_write_text
 from peftlab.lab.report_render import Block, Heading, Image, Para, Pre, Table, slug, to_html, to_markdown
-from peftlab.lab.result_record import (
-    RESULT_NAME,
-    LrPilot,
-    ResultError,
-    ResultRecord,
-    SplitMetrics,
-    TrainInfo,
-    number,
-    read_result,
+from peftlab.lab.report_runs import (
+    Group,
+    ReportError,
+    add_embedded_baselines,
+    choose_split,
+    group_runs,
+    load_runs,
+    natural_key,
+    read_json,
 )
+from peftlab.lab.report_table import (
+    format_seconds,
+    info_getter,
+    metric_getter,
+    metric_names,
+    shared_process_note,
+    summary_table,
+)
+from peftlab.lab.result_record import RESULT_NAME, LrPilot, TrainInfo, number
 from peftlab.lab.significance import example_intervals, significance_blocks, with_example_intervals
-from peftlab.lab.table import METRIC_ORDER, format_bytes, format_count
 
-STEM_RE = re.compile(r"(?P<method>.+?)--(?P<variant>.+?)--n(?P<n>\d+|all)--seed(?P<seed>\d+)")
-# Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; larger df use a Cornish-Fisher expansion.
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 MAX_SAMPLE_EXAMPLES = 3
 MAX_CURVES = 10
-
-
-class ReportError(ValueError):
-    """A results folder or file that a report cannot be built from (the message names the file and key)."""
-
-
-# ----------------------------------------------------------------------------------------------- aggregation
-
-
-@dataclass
-class Run:
-    """One result file and the grid cell it belongs to."""
-
-    path: Path
-    task: str
-    method: str
-    variant: str
-    n_train: int
-    seed: int
-    record: ResultRecord
-    embedded_in: Path | None = None  # a baseline read from another run's metrics[split]["baselines"]
-
-    @property
-    def info(self) -> TrainInfo:
-        return self.record.train_info
-
-
-@dataclass
-class Stat:
-    """Mean over seeds with the half-width of its 95% confidence interval (None for a single seed)."""
-
-    mean: float
-    half: float | None
-    n: int
-
-    def text(self, fmt: Callable[[float], str] = lambda v: f"{v:.2f}") -> str:
-        return f"{fmt(self.mean)} ± {fmt(self.half)}" if self.half is not None else f"{fmt(self.mean)} (1 seed)"
-
-
-@dataclass
-class Group:
-    """The runs of one (task, method, variant, N) cell, over seeds."""
-
-    task: str
-    method: str
-    variant: str
-    n_train: int
-    runs: list[Run] = field(default_factory=list)
-
-    @property
-    def label(self) -> str:
-        variant = "" if self.variant == "default" else f"/{self.variant}"
-        return f"{self.method}{variant}" + (f" N={self.n_train}" if self.n_train else "")
-
-    def stat(self, get: Callable[[Run], float | None]) -> Stat | None:
-        values = [v for v in (get(r) for r in self.runs) if v is not None]
-        return mean_ci(values) if values else None
-
-
-def t_quantile_975(df: int) -> float:
-    """t(0.975, df): exact table up to 30 degrees of freedom, then z + (z^3+z)/4df + (5z^5+16z^3+3z)/96df^2."""
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    if df <= len(T975):
-        return T975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def mean_ci(values: list[float]) -> Stat:
-    """Mean and 95% CI half-width t(0.975, n-1) * s / sqrt(n), s the sample standard deviation (ddof=1)."""
-    n = len(values)
-    if n < 2:
-        return Stat(float(values[0]), None, n)
-    return Stat(statistics.fmean(values), t_quantile_975(n - 1) * statistics.stdev(values) / math.sqrt(n), n)
-
-
-def _natural(text: str) -> list[Any]:
-    """Sort key that orders 'vt5' before 'vt10'."""
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", text) if p]
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
-
-
-def _plain_run_cell(record: ResultRecord, path: Path) -> tuple[str, str, str, int, int]:
-    """(task, method, variant, N, seed) of a result.json written by `peftlab train/eval` (no grid record)."""
-    run_info = record.run_info
-    if not isinstance(run_info.config, dict):
-        raise ReportError(f"{path}: a result without a 'grid' record needs run_info.config (to name method and task)")
-    method = record.train_info.method_name or run_info.config_value("method", "name")
-    if not method:
-        raise ReportError(f"{path}: no method name in train_info.method.name or run_info.config.method.name")
-    options = run_info.config_value("method", "options") or {}
-    shown = {k: v for k, v in sorted(options.items()) if v is not None}
-    variant = ",".join(f"{k}={json.dumps(v)[:24]}" for k, v in shown.items()) if method != "zero-shot" else ""
-    task = run_info.config_value("task", "name") or "unknown-task"
-    return task, method, variant or "default", int(record.train_info.train_examples or 0), int(run_info.seed or 0)
-
-
-def _n_train(value: Any, record: ResultRecord) -> int:
-    """N of a grid cell; ``None``/``all`` (every training example) becomes the count the run actually used."""
-    if value is None or value == "all":
-        return int(record.train_info.train_examples or 0)
-    return int(value)
-
-
-def read_run(path: Path, root: Path) -> Run:
-    """Read one result file; the grid cell comes from its ``grid`` record, its (folder) name, or its config."""
-    try:
-        record = read_result(path)
-    except ResultError as exc:
-        raise ReportError(str(exc)) from exc
-    rel = path.relative_to(root)
-    # <task>/<stem>.json, or a compare run folder <task>/runs/<stem>/result.json
-    in_folder = path.name == RESULT_NAME
-    match = STEM_RE.fullmatch(path.parent.name if in_folder else path.stem)
-    folder_task = rel.parts[0] if len(rel.parts) > (2 if in_folder else 1) else None
-    grid = record.grid
-    if grid is not None:
-        cell = (str(grid.method), str(grid.variant), _n_train(grid.n_train, record), int(grid.seed))
-    elif match:
-        cell = (match["method"], match["variant"], _n_train(match["n"], record), int(match["seed"]))
-    else:
-        task, *cell = _plain_run_cell(record, path)
-        return Run(path, task, *cell, record)
-    task = folder_task or _plain_run_cell(record, path)[0]
-    return Run(path, task, *cell, record)
-
-
-def load_runs(root: str | Path) -> list[Run]:
-    """Every result under ``root`` (skipping ``analysis/`` and ``report_files/``); a run counts once even when
-    both ``<task>/<stem>.json`` and its run folder ``<task>/runs/<stem>/result.json`` exist."""
-    root = Path(root)
-    if root.is_file():
-        raise ReportError(f"{root}: is a file; give the results folder that holds the run files (e.g. results)")
-    if not root.is_dir():
-        raise ReportError(f"{root}: results folder not found")
-    # Dot-names are writes in progress or left by a killed writer (peftlab.durable): never results.
-    paths = [p for p in root.rglob("*.json") if (p.name == RESULT_NAME or STEM_RE.fullmatch(p.stem))
-             and p.relative_to(root).parts[0] != "analysis" and "report_files" not in p.parts
-             and "pilots" not in p.relative_to(root).parts[:2]  # learning-rate pilots (compare's lr_pilot)
-             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
-    runs, seen, stems = [], set(), set()
-    for path in sorted(paths, key=lambda p: (p.name == RESULT_NAME, p)):  # grid files before run-folder copies
-        top = path.relative_to(root).parts[0]
-        if path.name == RESULT_NAME and (top, path.parent.name) in stems:
-            continue
-        run = read_run(path, root)
-        info = run.record.run_info
-        key = (info.started, info.finished, info.command) if info.started else path
-        if key not in seen:
-            seen.add(key)
-            stems.add((top, path.stem))
-            runs.append(run)
-    if not runs:
-        raise ReportError(f"{root}: no results found (expected <task>/<method>--<variant>--n<N>--seed<k>.json "
-                          f"files or run folders holding result.json)")
-    return runs
-
-
-def group_runs(runs: list[Run]) -> dict[str, list[Group]]:
-    """{task: groups}, baselines (N=0) first, then by method, variant (natural order) and N; runs by seed."""
-    tasks: dict[str, dict[tuple[str, str, int], Group]] = {}
-    for run in runs:
-        cells = tasks.setdefault(run.task, {})
-        cells.setdefault((run.method, run.variant, run.n_train),
-                         Group(run.task, run.method, run.variant, run.n_train)).runs.append(run)
-    out = {}
-    for task in sorted(tasks):
-        groups = sorted(tasks[task].values(), key=lambda g: (g.n_train > 0, g.method, _natural(g.variant), g.n_train))
-        for g in groups:
-            g.runs.sort(key=lambda r: r.seed)
-        out[task] = groups
-    return out
-
-
-def choose_split(groups: list[Group], wanted: str) -> str:
-    """``wanted`` when any run has it, else the first split found (e.g. only 'validation' was evaluated)."""
-    splits = [s for g in groups for r in g.runs for s in r.record.metrics]
-    return wanted if wanted in splits or not splits else splits[0]
-
-
-def add_embedded_baselines(groups: list[Group], split: str) -> None:
-    """Baselines a task scores inside each run (``metrics[split]['baselines']``, e.g. lead-3) become rows when no
-    result file of that name exists."""
-    have = {g.method for g in groups}
-    for g in list(groups):
-        for run in g.runs:
-            for name, values in run.record.baselines_of(split).items():
-                if name not in have and isinstance(values, dict):
-                    have.add(name)
-                    record = ResultRecord(metrics={split: SplitMetrics(scores=values)})
-                    base = Run(run.path, g.task, name, "default", 0, 0, record, run.path)
-                    groups.insert(0, Group(g.task, name, "default", 0, [base]))
-
-
-def metric_getter(split: str, name: str) -> Callable[[Run], float | None]:
-    """A run's ``metrics[split][name]`` (None when absent or not a number)."""
-    return lambda run: number(run.record.metric(split, name))
-
-
-def info_getter(field_of: Callable[[TrainInfo], Any]) -> Callable[[Run], float | None]:
-    """A run's ``train_info`` field (``info_getter(lambda i: i.adapter_bytes)``; None when absent or not a number)."""
-    return lambda run: number(field_of(run.info))
-
-
-def epoch_seconds(run: Run) -> float | None:
-    """Mean wall time of the finished epochs (train time / epochs when none finished, e.g. a short max_steps run)."""
-    info = run.info
-    if info.epoch_seconds:
-        return statistics.fmean(info.epoch_seconds)
-    seconds, epochs = number(info.train_seconds), number(info.epochs_completed)
-    return seconds / epochs if seconds is not None and epochs else None
-
-
-def metric_names(groups: list[Group], split: str) -> list[str]:
-    """Numeric task metrics present in any run (known ones first, in METRIC_ORDER), without counts like
-    ``n_examples`` or ``predicted/<label>``."""
-    found: list[str] = []
-    for g in groups:
-        for run in g.runs:
-            for key, value in run.record.scores_of(split).items():
-                if key not in found and key != "n_examples" and "/" not in key and number(value) is not None:
-                    found.append(key)
-    rank = {k: i for i, k in enumerate(METRIC_ORDER)}
-    return sorted(found, key=lambda k: (rank.get(k, len(rank)), k))
-
-
-
-def _seconds(v: float) -> str:
-    return f"{v:.1f} s" if v < 120 else f"{v / 60:.1f} min"
-
-
-def forgetting_delta(run: Run) -> float | None:
-    """A run's rise in cross-entropy on out-of-task text (``train_info.forgetting.delta_ce``; None if unmeasured)."""
-    record = run.info.forgetting
-    return number(record.delta_ce) if record is not None else None
-
-
-# (header, value of a run, "min" or "max" is best, formatter) for the cost columns after the metrics.
-COST_COLUMNS: list[tuple[str, Callable[[Run], float | None], str, Callable[[float], str]]] = [
-    ("time/epoch", epoch_seconds, "min", _seconds),
-    ("train tok/s", info_getter(lambda i: i.train_tokens_per_s), "max", lambda v: f"{v:,.0f}"),
-    ("peak mem", info_getter(lambda i: i.peak_memory_bytes), "min", format_bytes),
-    ("adapter", info_getter(lambda i: i.adapter_bytes), "min", format_bytes),
-    ("train FLOPs", info_getter(lambda i: i.train_flops_estimate), "min", lambda v: f"{v:.2e}"),
-    ("forgetting ΔCE", forgetting_delta, "min", lambda v: f"{v:+.3f}"),
-]
-
-
-SHARED_MARK = " †"
-
-
-def shared_process(group: Group) -> bool:
-    """Some grid run of the group shared its process with earlier runs (or did not record that it had its own),
-    so its peak memory includes what they left behind."""
-    return any(run.record.grid is not None and run.record.run_info.process != "own" and run.embedded_in is None
-               and run.info.peak_memory_bytes is not None for run in group.runs)
-
-
-def shared_process_note(groups: list[Group]) -> list[Block]:
-    """The footnote of the summary's † marks, where there are any."""
-    if not any(shared_process(g) for g in groups):
-        return []
-    return [Para(f"{SHARED_MARK.strip()} Peak memory measured in a grid process that had run other runs before "
-                 "(compare ran a grid in one process before 7066679, or with --in-process): it includes what they "
-                 "left behind, so it is not comparable between runs.")]
-
-
-def _mark_best(table: Table, column: int, means: list[float | None], better: str) -> None:
-    """Mark every row whose mean equals the column's best (a zero cost never wins)."""
-    candidates = [(r, m) for r, m in enumerate(means) if m is not None and (better == "max" or m > 0)]
-    if len(candidates) < 2:
-        return
-    best = (max if better == "max" else min)(m for _, m in candidates)
-    winners = {(r, column) for r, m in candidates if math.isclose(m, best, rel_tol=1e-9)}
-    if len(winners) < len(candidates):  # a column where every row ties has no best
-        table.best |= winners
-
-
-def summary_table(groups: list[Group], split: str, metrics: list[str]) -> Table:
-    """One row per group: metrics as mean ± 95% CI, then trainable parameters and the measured costs."""
-    trainable, percent = info_getter(lambda i: i.trainable_params), info_getter(lambda i: i.trainable_percent)
-    table = Table(["method", "variant", "N", "seeds", *metrics, "trainable (%)", *(c[0] for c in COST_COLUMNS)], [],
-                  css="summary")
-    columns: list[list[float | None]] = [[] for _ in range(len(table.headers))]
-    for g in groups:
-        row = [g.method, g.variant, str(g.n_train), str(len(g.runs))]
-        for name in metrics:
-            stat = g.stat(metric_getter(split, name))
-            columns[len(row)].append(stat.mean if stat else None)
-            row.append(stat.text() if stat else "-")
-        count, pct = g.stat(trainable), g.stat(percent)
-        columns[len(row)].append(count.mean if count and g.n_train else None)  # costs: trained groups compete
-        row.append(f"{format_count(int(count.mean))} ({pct.mean:.3g}%)" if count and pct else "-")
-        for header, get, _better, fmt in COST_COLUMNS:
-            stat = g.stat(get)
-            columns[len(row)].append(stat.mean if stat and g.n_train else None)
-            mark = SHARED_MARK if header == "peak mem" and stat and shared_process(g) else ""
-            row.append(fmt(stat.mean) + mark if stat else "-")  # costs: the mean (a CI is for the task metrics)
-        table.rows.append(row)
-    betters = ["max"] * len(metrics) + ["min"] + [c[2] for c in COST_COLUMNS]
-    for offset, better in enumerate(betters):
-        _mark_best(table, 4 + offset, columns[4 + offset], better)
-    return table
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -409,7 +98,7 @@ def plot_blocks(task: str, groups: list[Group], split: str, metrics: list[str]) 
                  if g.method == method and g.n_train > 0}
         if len(sweep) < 2:  # one cell is not a sweep
             continue
-        rows, cols = sorted({v for v, _ in sweep}, key=_natural), sorted({n for _, n in sweep})
+        rows, cols = sorted({v for v, _ in sweep}, key=natural_key), sorted({n for _, n in sweep})
         cells = [[sweep.get((r, c), (None, None)) for c in cols] for r in rows]
         png = plots.heatmap(rows, [str(n) for n in cols], [[mean for mean, _ in row] for row in cells],
                             f"{method}: {primary}", "variant", "N",
@@ -502,7 +191,7 @@ def run_blocks(groups: list[Group], root: Path) -> list[Block]:
                 continue
             if folder not in predictions:
                 file = folder / "estimate" / "predicted.json"
-                predictions[folder] = _read_json(file) if file.is_file() else {}
+                predictions[folder] = read_json(file) if file.is_file() else {}
             record = predictions[folder].get(stem)
             p = number(record.get("predicted_seconds")) if isinstance(record, dict) else None
             wall = info.wall_seconds()
@@ -510,10 +199,10 @@ def run_blocks(groups: list[Group], root: Path) -> list[Block]:
                 timed.append((g.label, run.seed, p, wall, info.cpu_share()))
     if timed:
         table = Table(["group", "seed", "predicted", "actual", "actual / predicted", "CPU share"],
-                      [[label, str(seed), _seconds(p), _seconds(a), f"{a / p:.2f}" if p > 0 else "-",
+                      [[label, str(seed), format_seconds(p), format_seconds(a), f"{a / p:.2f}" if p > 0 else "-",
                         f"{share:.0%}" if share is not None else "-"] for label, seed, p, a, share in timed])
         total_p, total_a = sum(t[2] for t in timed), sum(t[3] for t in timed)
-        table.rows.append(["total", "", _seconds(total_p), _seconds(total_a),
+        table.rows.append(["total", "", format_seconds(total_p), format_seconds(total_a),
                            f"{total_a / total_p:.2f}" if total_p > 0 else "-", ""])
         blocks += [Heading(3, "Predicted vs actual time"), Para(
             "Predicted: `peftlab compare`'s estimate before the grid started (calibrated rates x counted tokens); "
@@ -537,7 +226,7 @@ def analysis_blocks(root: Path) -> list[Block]:
                 raise ReportError(f"{path}: not a PNG image (bad signature)")
             blocks.append(Image(f"analysis-{path.name}", data, path.stem))
         elif path.suffix == ".json":
-            text = json.dumps(_read_json(path), indent=1)
+            text = json.dumps(read_json(path), indent=1)
             blocks += [Para(path.name), Pre(text if len(text) < 6000 else text[:6000] + "\n... (truncated)")]
     return blocks
 

@@ -35,7 +35,7 @@ from peftlab.lab.result_record import SplitRecords
 from peftlab.tasks.base import unpack_numbers
 
 if TYPE_CHECKING:
-    from peftlab.lab.report import Group, Run
+    from peftlab.lab.report_runs import Group, Run
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_SEED = 0
