@@ -109,8 +109,63 @@ def test_generation_counts_max_new_tokens_decode_steps_per_row(tmp_path, tiny_ll
     zero, lead3 = plan(parse_grid(grid, "grid.yaml"))
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     work = est.count_run(zero, tok, est.SplitReader())
-    assert work.decode_rows == 3 * 4  # 3 rows, 4 decode calls after the prefill's token
+    # zero-shot: every output to the cap. Continuous batching at 2 rows: 2 prompts, 4 decode steps after the prompt
+    # pass's token; then the third prompt refills a row and decodes alone (the finished row is dropped).
+    assert work.decode_rows == 3 * 4 and work.decode_steps == {"2": 4, "1": 4}
+    assert sorted(work.prompt_passes) == ["1", "2"] and work.prompt_passes["1"][0] == 1
     assert est.count_run(lead3, tok, est.SplitReader()).eval_rows == 0  # lead-3 runs no model
+
+
+def test_a_trained_run_generates_outputs_as_long_as_its_targets(tmp_path, tiny_llama_dir):
+    """A trained model writes about what it was trained on: its test outputs are replayed at each example's
+    training-target length (eos not counted), through continuous batching's refills."""
+    from peftlab.evaluation.schedule import generation_schedule
+
+    folder = tmp_path / "news"
+    folder.mkdir()
+    summaries = ["x", "a much longer summary of it", "two words"]
+    for split in ("train", "validation", "test"):
+        with gzip.open(folder / f"{split}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps({"id": str(i), "article": t, "summary": y}) + "\n"
+                         for i, (t, y) in enumerate(zip(TEST, summaries, strict=True)))
+    grid = _grid(tmp_path, tiny_llama_dir, baselines=False)
+    grid["task"] = {"name": "summarization", "template": "{source}\nTL;DR:"}
+    grid["data"]["path"] = str(folder)
+    grid["eval"]["max_new_tokens"] = 5
+    (lora,) = plan(parse_grid(grid, "grid.yaml"))
+    tok = _tok(tiny_llama_dir)
+    work = est.count_run(lora, tok, est.SplitReader())
+    prompts = [len(tok(f"{t}\nTL;DR:").input_ids) for t in TEST]
+    outputs = [len(tok(y, add_special_tokens=False).input_ids) for y in summaries]
+    order = sorted(range(3), key=lambda i: prompts[i])
+    replay = generation_schedule([prompts[i] for i in order], [outputs[i] for i in order], 5, 2)
+    assert work.decode_rows == sum(replay.steps) < 3 * 4  # some outputs end before the cap
+    assert work.decode_steps == {str(rows): replay.steps.count(rows) for rows in set(replay.steps)}
+
+
+def test_passes_are_priced_by_their_rows():
+    """A one-row pass at the one-row rate, a full batch's at the batch rate, others between (prompt passes in log
+    rows, decode steps linear in rows)."""
+    rates = est.Rates(prefill_positions_per_s=1600.0, prefill_one_positions_per_s=400.0, decode_rows_per_s=160.0,
+                      decode_one_rows_per_s=20.0, eval_rows=16)
+    work = est.Work()
+    work.prompt_pass(1, 100)
+    assert est.evaluation_seconds(work, rates) == pytest.approx(100 / 400)
+    work = est.Work()
+    work.prompt_pass(16, 1600)
+    work.prompt_pass(4, 400)  # log 4 / log 16 = halfway: 400 * (1600/400) ** 0.5 = 800 positions/s
+    assert est.evaluation_seconds(work, rates) == pytest.approx(1600 / 1600 + 400 / 800)
+    work = est.Work()
+    work.decode(1, 10)
+    work.decode(16, 10)
+    work.decode(6, 3)  # a step of 1 row: 0.05 s, of 16: 0.1 s; 6 rows: a third of the way
+    assert est.evaluation_seconds(work, rates) == pytest.approx(10 * 0.05 + 10 * 0.1 + 3 * (0.05 + 0.05 / 3))
+    # rates measured at one batch size only (an older cache): every pass at the batch rate
+    flat = est.Rates(prefill_positions_per_s=1600.0, decode_rows_per_s=160.0)
+    work = est.Work()
+    work.prompt_pass(1, 100)
+    work.decode(2, 5)
+    assert est.evaluation_seconds(work, flat) == pytest.approx(100 / 1600 + 10 / 160)
 
 
 def test_estimate_runs_nothing_writes_no_results_and_reuses_its_cache(tmp_path, tiny_llama_dir, monkeypatch, capsys):
@@ -187,6 +242,8 @@ def test_real_calibration_on_the_tiny_model_is_quick_and_positive(tmp_path, tiny
     assert prompt.virtual_positions == 6 and lora.virtual_positions == 0
     # a soft prompt changes the evaluation forward: measured; LoRA is merged for evaluation: the base model's
     assert not prompt.eval_as_base and prompt.prefill_positions_per_s > 0 and prompt.decode_rows_per_s > 0
+    # and at one row (eval.batch_size is 2 here), for refills and a batch's last rows
+    assert prompt.eval_rows == 2 and prompt.prefill_one_positions_per_s > 0 and prompt.decode_one_rows_per_s > 0
     assert lora.eval_as_base and lora.prefill_positions_per_s == 0
     assert prompt.train_positions_per_s > 0 and prompt.update_seconds > 0 and lora.head_targets_per_s == 0
     # last-layer's trunk is frozen: later epochs are served by the trunk cache, at the head's own rate

@@ -21,9 +21,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-CACHE_VERSION = 3  # bump when what is measured changes: older cached rates are then measured again
+CACHE_VERSION = 4  # bump when what is measured changes: older cached rates are then measured again
 # (2: training and prompt passes measured at the grid's batch sizes instead of one row; 3: evaluation measured
-# under the evaluation's own precision context, bf16 frozen weights cast once, as ModelPredictor runs it)
+# under the evaluation's own precision context, bf16 frozen weights cast once, as ModelPredictor runs it; 4: prompt
+# passes and decode steps also measured at one row, for continuous batching's refills and a batch's last rows)
 
 
 @dataclass
@@ -32,8 +33,11 @@ class Rates:
 
     train_positions_per_s: float = 0.0
     head_targets_per_s: float = 0.0      # 0: no frozen-trunk cache for this method
-    prefill_positions_per_s: float = 0.0
-    decode_rows_per_s: float = 0.0
+    prefill_positions_per_s: float = 0.0  # a prompt pass of eval_rows rows
+    decode_rows_per_s: float = 0.0        # decode steps of eval_rows rows: row-steps per second
+    prefill_one_positions_per_s: float = 0.0  # the same at one row (0: not measured, the eval_rows rates serve)
+    decode_one_rows_per_s: float = 0.0
+    eval_rows: int = 0                    # the rows the evaluation rates were measured at (eval.batch_size)
     update_seconds: float = 0.0          # clipping + optimizer step, paid once per optimizer step
     save_seconds: float = 0.0
     load_seconds: float = 0.0
@@ -162,34 +166,48 @@ def _virtual_positions(method: Any, device: Any) -> int:
 
 def _measure_evaluation(setup: Any, family: Family, rates: Rates) -> None:
     """Time one prompt pass of ``eval.batch_size`` prompts of the grid's mean prompt length (after a warm-up pass of
-    short ones), then decode steps of all those rows over its KV cache."""
+    short ones), then decode steps of all those rows over its KV cache; then the same at one row (continuous
+    batching refills freed rows one prompt pass at a time, and a batch's last rows decode alone)."""
+    import torch
+
+    rows = max(1, family.cfg.eval.batch_size)
+    pad = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else setup.tokenizer.eos_token_id
+    prompts = [_synthetic(setup.tokenizer, family.prompt_length, 1, 7 + k).input_ids for k in range(rows)]
+    positions = family.prompt_length + rates.virtual_positions
+    setup.method.model.eval()
+    with torch.no_grad(), setup.predictor().precision():  # the evaluation's own precision (frozen weights cast once)
+        rates.eval_rows = rows
+        rates.prefill_positions_per_s, rates.decode_rows_per_s = _pass_rates(setup, prompts, pad, positions)
+        if rows > 1:
+            rates.prefill_one_positions_per_s, rates.decode_one_rows_per_s = _pass_rates(setup, prompts[:1], pad,
+                                                                                         positions)
+
+
+def _pass_rates(setup: Any, prompts: list[list[int]], pad: int, positions: int) -> tuple[float, float]:
+    """(prompt positions per second, decode row-steps per second) of one prompt pass over ``prompts`` (after a
+    warm-up pass of short ones) and 3 timed decode steps over its cache (after one untimed)."""
     import torch
 
     from peftlab.evaluation.generate import decode_step, prefill
     from peftlab.evaluation.kv_cache import preallocate
 
-    method, device, rows = setup.method, setup.device, max(1, family.cfg.eval.batch_size)
-    pad = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else setup.tokenizer.eos_token_id
-    prompts = [_synthetic(setup.tokenizer, family.prompt_length, 1, 7 + k).input_ids for k in range(rows)]
-    method.model.eval()
-    with torch.no_grad(), setup.predictor().precision():  # the evaluation's own precision (frozen weights cast once)
-        prefill(method, [p[:16] for p in prompts], pad, device)  # warm-up
+    method, device, rows = setup.method, setup.device, len(prompts)
+    prefill(method, [p[:16] for p in prompts], pad, device)  # warm-up
+    t0 = time.perf_counter()
+    state = prefill(method, prompts, pad, device)
+    prefill_rate = rows * positions / (time.perf_counter() - t0)
+    steps = 4
+    preallocate(state.cache, steps)  # as generation does; a cache kind it cannot preallocate grows instead
+    mask, position = state.attention_mask, state.position
+    token = state.logits.argmax(-1)  # (rows,)
+    times = []
+    for _ in range(steps):
         t0 = time.perf_counter()
-        state = prefill(method, prompts, pad, device)
-        rates.prefill_positions_per_s = rows * (family.prompt_length + rates.virtual_positions) / (
-            time.perf_counter() - t0)
-        steps = 4
-        preallocate(state.cache, steps)  # as generation does; a cache kind it cannot preallocate grows instead
-        mask, position = state.attention_mask, state.position
-        token = state.logits.argmax(-1)  # (rows,)
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-            position = position + 1
-            token = decode_step(method.model, token[:, None], mask, position, state.cache).argmax(-1)
-            times.append(time.perf_counter() - t0)
-    rates.decode_rows_per_s = rows * (steps - 1) / max(sum(times[1:]), 1e-9)
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        position = position + 1
+        token = decode_step(method.model, token[:, None], mask, position, state.cache).argmax(-1)
+        times.append(time.perf_counter() - t0)
+    return prefill_rate, rows * (steps - 1) / max(sum(times[1:]), 1e-9)
 
 
 def measure_family(family: Family) -> Rates:

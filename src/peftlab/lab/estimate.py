@@ -4,8 +4,8 @@ A run's time is the work it will do, counted from its own examples, divided by r
 
     train       sum over micro-batches of B_i * (T_i + v) / r_train    # padded positions through forward+backward+step
                 (+ with the frozen-trunk cache: later epochs' target tokens / r_head, the head alone)
-    evaluation  sum over batches of B * (T + v) / r_prefill            # prompt passes: scoring, prefill, val. loss
-                + decode row-steps / r_decode                          # generated tokens, label continuations
+    evaluation  sum over prompt passes of B * (T + v) / r_prefill(B)   # scoring, generation prefill, val. loss
+                + sum over decode steps of t_decode(B)                 # generated tokens, label continuations
     overhead    model load + reading/tokenizing its data + checkpoint saves * s_save
 
 Work (:func:`count_run`): the run's training, validation and test examples are loaded and tokenized exactly as
@@ -13,12 +13,17 @@ Work (:func:`count_run`): the run's training, validation and test examples are l
 micro-batches are the trainer's own length-bucketed batches, epoch by epoch, for the trainer's own step count
 (``max_steps``, else ``epochs`` but at least ``min_steps``);
 validations come every ``eval_every`` steps and at the end; evaluation runs the task's own ``evaluate`` with a
-:class:`CountingPredictor`, which runs no model but counts the prompt batches and decode steps that
-:class:`~peftlab.evaluation.generate.ModelPredictor` would run. Generation is counted at ``max_new_tokens`` decode
-steps per batch (no row ends early), so that part is an upper bound; early stopping (``patience``) is not predicted.
+:class:`CountingPredictor`, which runs no model but counts the prompt passes and decode steps that
+:class:`~peftlab.evaluation.generate.ModelPredictor` would run, each with its rows. Generation is replayed pass by
+pass (:mod:`peftlab.evaluation.schedule`: continuous batching refills freed rows, often one prompt at a time, and a
+batch's last rows decode alone), for outputs as long as each example's training target in a trained run and at
+``max_new_tokens`` in a zero-shot run (whose output length nothing predicts; an upper bound). Early stopping
+(``patience``) is not predicted.
 
 Rates (:mod:`peftlab.lab.calibrate`): measured once per method family of the grid (method + options +
-precision) with the method's own training step and evaluation passes. ``v``: virtual positions a method prepends
+precision) with the method's own training step and evaluation passes; prompt passes and decode steps at the grid's
+``eval.batch_size`` and at one row (r_prefill(B) between the two in log B; t_decode(B) linear in B: a decode step
+reads every weight however few its rows). ``v``: virtual positions a method prepends
 (prompt tuning), measured through its ``prepare_inputs``.
 
 Everything measured is cached in ``<results>/<name>/estimate/cache.json`` (rates keyed by CPU, torch threads, device,
@@ -53,7 +58,8 @@ _NOT_COUNTED = {"train": ("lr", "weight_decay", "schedule", "warmup_steps", "war
                 "eval": ("show_examples",)}
 
 
-COUNTS_VERSION = 3  # bump when what is counted changes (2: the forgetting passes; 3: min_steps): counts are redone
+COUNTS_VERSION = 4  # bump when what is counted changes: counts are redone (2: the forgetting passes; 3: min_steps;
+# 4: passes by rows, generation replayed with continuous batching and trained runs' expected output lengths)
 
 
 class EstimateError(ValueError):
@@ -82,47 +88,95 @@ class Work:
     eval_rows: int = 0
     decode_rows: int = 0             # row-steps of decoding (and of label-continuation passes)
     data_seconds: float = 0.0        # reading + tokenizing the run's data (measured while counting)
+    # the same passes by their rows, which set their rate: {rows: [passes, positions]} and {rows: decode steps}
+    prompt_passes: dict[str, list[int]] = field(default_factory=dict)
+    decode_steps: dict[str, int] = field(default_factory=dict)
+
+    def prompt_pass(self, rows: int, positions: int, times: int = 1) -> None:
+        """Count ``times`` prompt passes of ``rows`` rows and ``positions`` padded positions each."""
+        self._passes(rows, times, times * positions)
+
+    def decode(self, rows: int, steps: int = 1) -> None:
+        """Count ``steps`` decode steps (or label-continuation positions) of ``rows`` rows."""
+        self.decode_rows += rows * steps
+        self.decode_steps[str(rows)] = self.decode_steps.get(str(rows), 0) + steps
 
     def add(self, other: Work, times: int = 1) -> None:
-        for f in ("eval_positions", "eval_rows", "decode_rows"):
-            setattr(self, f, getattr(self, f) + times * getattr(other, f))
+        """Add ``other``'s evaluation passes ``times`` over (its training counts are not added)."""
+        for rows, (passes, positions) in other.prompt_passes.items():
+            self._passes(int(rows), times * passes, times * positions)
+        for rows, steps in other.decode_steps.items():
+            self.decode(int(rows), times * steps)
+
+    def _passes(self, rows: int, passes: int, positions: int) -> None:
+        self.eval_positions += positions
+        self.eval_rows += passes * rows
+        entry = self.prompt_passes.setdefault(str(rows), [0, 0])
+        entry[0], entry[1] = entry[0] + passes, entry[1] + positions
 
 
 class CountingPredictor:
-    """A :class:`~peftlab.tasks.base.Predictor` that runs no model: it counts the prompt batches and decode steps that
-    :class:`~peftlab.evaluation.generate.ModelPredictor` runs on the same examples (same prompts, length-sorted
-    batches of ``batch_size``) and returns empty predictions (scores of 0)."""
+    """A :class:`~peftlab.tasks.base.Predictor` that runs no model: it counts the prompt passes and decode steps that
+    :class:`~peftlab.evaluation.generate.ModelPredictor` runs on the same examples (same prompts, sorted by length)
+    and returns empty predictions (scores of 0).
 
-    def __init__(self, encoder: Any, batch_size: int, num_beams: int = 1) -> None:
+    Generation is replayed pass by pass (:func:`~peftlab.evaluation.schedule.generation_schedule`: continuous
+    batching's refills, the rows a batch drops at its end) for outputs of ``output_tokens(example)`` tokens, or
+    ``max_new_tokens`` each when it is None (every row runs to the cap: an upper bound, and the rows then end
+    together, so refills come as whole batches). Beam search counts whole batches decoded to the cap."""
+
+    def __init__(self, encoder: Any, batch_size: int, num_beams: int = 1, continuous: bool = True,
+                 refill_rows: int = 1, output_tokens: Callable[[Sequence[Any]], list[int]] | None = None) -> None:
         self.encoder, self.batch_size, self.num_beams = encoder, batch_size, num_beams
+        self.continuous, self.refill_rows, self.output_tokens = continuous, refill_rows, output_tokens
         self.work = Work()
 
-    def _batches(self, examples: Sequence[Any]) -> list[list[int]]:
-        lengths = sorted(len(p) for p in self.encoder.encode_prompts(list(examples)))
+    def _sorted(self, examples: Sequence[Any]) -> tuple[list[int], list[int]]:
+        """The prompts' lengths in the order the predictor takes them (by length), and that order."""
+        prompts = self.encoder.encode_prompts(list(examples))
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        return [len(prompts[i]) for i in order], order
+
+    def _batches(self, lengths: list[int]) -> list[list[int]]:
         return [lengths[i:i + self.batch_size] for i in range(0, len(lengths), self.batch_size)]
 
-    def _prompts(self, batch: list[int]) -> None:
-        self.work.eval_positions += len(batch) * max(batch)  # left-padded to the batch's longest prompt
-        self.work.eval_rows += len(batch)
-
     def generate(self, examples: Sequence[Any], max_new_tokens: int) -> list[str]:
-        for batch in self._batches(examples):
-            self._prompts(batch)
-            # greedy: one decode call per new token after the first (which the prefill's logits give)
-            self.work.decode_rows += len(batch) * max(max_new_tokens - 1, 0) * self.num_beams
+        from peftlab.evaluation.schedule import generation_schedule
+
+        lengths, order = self._sorted(examples)
+        if self.num_beams > 1:
+            for batch in self._batches(lengths):
+                self.work.prompt_pass(len(batch), len(batch) * max(batch))  # left-padded to its longest prompt
+                self.work.decode(len(batch) * self.num_beams, max(max_new_tokens - 1, 0))
+            return [""] * len(examples)
+        outputs = self.output_tokens(examples) if self.output_tokens else [max_new_tokens] * len(examples)
+        schedule = generation_schedule(lengths, [outputs[i] for i in order], max_new_tokens, self.batch_size,
+                                       continuous=self.continuous, refill_rows=self.refill_rows)
+        for rows, positions in schedule.passes:
+            self.work.prompt_pass(rows, positions)
+        for rows in schedule.steps:
+            self.work.decode(rows)
         return [""] * len(examples)
 
     def score_choices(self, examples: Sequence[Any], choices: Sequence[str]) -> list[list[float]]:
         continuation = sum(len(ids) - 1 for ids in self.encoder.encode_targets(list(choices)))
-        for batch in self._batches(examples):
-            self._prompts(batch)
-            self.work.decode_rows += len(batch) * continuation  # one (B, L-1) pass per label on the prompt cache
+        for batch in self._batches(self._sorted(examples)[0]):
+            self.work.prompt_pass(len(batch), len(batch) * max(batch))
+            self.work.decode(len(batch), continuation)  # one (B, L-1) pass per label on the prompt cache
         return [[0.0] * len(choices) for _ in examples]
 
 
-def _eval_work(task: Any, encoder: Any, cfg: Any, examples: list[Any]) -> Work:
-    predictor = CountingPredictor(encoder, cfg.eval.batch_size, cfg.eval.num_beams)
-    task.evaluate(predictor, examples, cfg.eval.max_new_tokens)
+def trained_output_tokens(encoder: Any) -> Callable[[Sequence[Any]], list[int]]:
+    """Each example's expected output length for a trained run: its training target's tokens (eos not counted);
+    a trained model writes outputs of about the length it was trained to."""
+    return lambda examples: [len(ids) - 1 for ids in encoder.encode_targets([e.target for e in examples])]
+
+
+def _eval_work(task: Any, encoder: Any, cfg: Any, examples: list[Any], trained: bool) -> Work:
+    ev = cfg.eval
+    predictor = CountingPredictor(encoder, ev.batch_size, ev.num_beams, ev.continuous_batching, ev.refill_rows,
+                                  trained_output_tokens(encoder) if trained else None)
+    task.evaluate(predictor, examples, ev.max_new_tokens)
     return predictor.work
 
 
@@ -190,15 +244,14 @@ def count_run(run: Any, tokenizer: Any, load: SplitReader) -> Work:
             lengths = sorted(len(e.input_ids) for e in encoder.encode_many(val))
             for i in range(0, len(lengths), cfg.train.batch_size):
                 batch = lengths[i:i + cfg.train.batch_size]
-                loss_pass.eval_positions += len(batch) * max(batch)
-                loss_pass.eval_rows += len(batch)
+                loss_pass.prompt_pass(len(batch), len(batch) * max(batch))
             work.add(loss_pass, len(checks))
             if checks and cfg.train.eval_examples > 0:
-                work.add(_eval_work(task, encoder, cfg, val[:cfg.train.eval_examples]), len(checks))
+                work.add(_eval_work(task, encoder, cfg, val[:cfg.train.eval_examples], True), len(checks))
         for split in cfg.eval.splits:
             role = "test" if split in ("test", cfg.data.test_split) else "validation"
             limit = cfg.data.max_test if role == "test" else cfg.data.max_validation
-            work.add(_eval_work(task, encoder, cfg, load(cfg, task, split, limit, None)))
+            work.add(_eval_work(task, encoder, cfg, load(cfg, task, split, limit, None), run.kind != ZERO_SHOT))
         if cfg.eval.forgetting_data is not None:  # before training (train runs) and after
             work.add(load.forgetting(cfg, tokenizer), 1 if run.kind == ZERO_SHOT else 2)
     except (OSError, ValueError) as exc:
@@ -248,8 +301,7 @@ class SplitReader:
             work = Work()
             for i in range(0, len(lengths), f.BATCH_SIZE):
                 batch = lengths[i:i + f.BATCH_SIZE]
-                work.eval_positions += len(batch) * max(batch)
-                work.eval_rows += len(batch)
+                work.prompt_pass(len(batch), len(batch) * max(batch))
             self.memo[key] = [work], time.perf_counter() - t0
             self.spent += self.memo[key][1]
         self.charged += self.memo[key][1]
@@ -288,10 +340,38 @@ def predict_seconds(cfg: Any, work: Work, train: Rates | None, evaluation: Rates
         else:
             parts["train"] += (work.later_positions + v * work.later_rows) / train.train_positions_per_s
     if work.eval_rows:
-        parts["evaluation"] = ((work.eval_positions + v * work.eval_rows) / evaluation.prefill_positions_per_s
-                               + work.decode_rows / evaluation.decode_rows_per_s)
+        parts["evaluation"] = evaluation_seconds(work, evaluation)
     parts["total"] = sum(parts.values())
     return parts
+
+
+def evaluation_seconds(work: Work, rates: Rates) -> float:
+    """The evaluation passes of ``work`` priced by their rows: a prompt pass of r rows at a rate between the
+    one-row and the full-batch rate (interpolated in log r), a decode step of r rows at a time linear in r between
+    the one-row and the full-batch step (a step reads every weight however few its rows)."""
+    v, full = rates.virtual_positions, max(1, rates.eval_rows)
+    seconds = 0.0
+    for rows, (passes, positions) in work.prompt_passes.items():
+        seconds += (positions + v * passes * int(rows)) / _prefill_rate(rates, int(rows), full)
+    for rows, steps in work.decode_steps.items():
+        seconds += steps * _decode_step_seconds(rates, int(rows), full)
+    return seconds
+
+
+def _prefill_rate(rates: Rates, rows: int, full: int) -> float:
+    one, many = rates.prefill_one_positions_per_s, rates.prefill_positions_per_s
+    if not one or full <= 1 or rows >= full:
+        return many
+    share = math.log(max(rows, 1)) / math.log(full)
+    return math.exp(math.log(one) + share * (math.log(many) - math.log(one)))
+
+
+def _decode_step_seconds(rates: Rates, rows: int, full: int) -> float:
+    many = full / rates.decode_rows_per_s  # one step of `full` rows
+    if not rates.decode_one_rows_per_s or full <= 1:
+        return rows / rates.decode_rows_per_s
+    one = 1.0 / rates.decode_one_rows_per_s
+    return one + (many - one) * (rows - 1) / (full - 1)
 
 
 @dataclass
@@ -301,6 +381,7 @@ class RunEstimate:
     work: Work
     seconds: dict[str, float]
     todo: bool  # the run will run in this invocation (not done earlier)
+    evaluation_rates: Rates | None = None  # the rates its evaluation was predicted with (None: not predicted)
 
 
 @dataclass
@@ -404,6 +485,7 @@ def estimate_grid(runs: Sequence[Any], cache_path: Path, statuses: Sequence[str]
         return Rates(**cache["rates"][key])
 
     for (run, work), status in zip(pairs, statuses, strict=True):
+        evaluation = None
         if status == "done" or run.kind == LEAD_3:
             seconds = {"train": 0.0, "evaluation": 0.0, "overhead": 0.0, "total": 0.0}
         else:
@@ -412,7 +494,7 @@ def estimate_grid(runs: Sequence[Any], cache_path: Path, statuses: Sequence[str]
             if train is not None and train.eval_as_base:
                 evaluation = dataclasses.replace(evaluation, virtual_positions=train.virtual_positions)
             seconds = predict_seconds(run.cfg, work, train, evaluation)
-        estimate.runs.append(RunEstimate(run.stem, run.kind, work, seconds, status != "done"))
+        estimate.runs.append(RunEstimate(run.stem, run.kind, work, seconds, status != "done", evaluation))
     if write_cache:
         from peftlab.durable import atomic_write_json
 

@@ -1,0 +1,76 @@
+"""The replay of greedy generation's passes (:func:`peftlab.evaluation.schedule.generation_schedule`), which the grid
+estimate prices, runs the same prompt passes (rows, padded positions) and decode steps (rows) as the real loops,
+given the lengths of the outputs they produced."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from test_generation_continuous import PROMPTS, STEPS, eos_for_varied_lengths, varied
+
+import peftlab.evaluation.generate as gen
+from peftlab.evaluation.schedule import generation_schedule
+from peftlab.methods.base import BaseModelHandle
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU = torch.device("cpu")
+
+
+def recorded_passes(monkeypatch, method, prompts, eos_ids, **kwargs):
+    """The real loop's outputs, prompt passes (rows, padded positions) and decode steps (rows)."""
+    passes, steps = [], []
+    prefill, decode_step = gen.prefill, gen.decode_step
+
+    def counting_prefill(m, batch, *args, **kw):
+        state = prefill(m, batch, *args, **kw)
+        passes.append((len(batch), len(batch) * max(len(p) for p in batch)))
+        return state
+
+    def counting_step(model, token, *args, **kw):
+        steps.append(token.shape[0])
+        return decode_step(model, token, *args, **kw)
+
+    monkeypatch.setattr(gen, "prefill", counting_prefill)
+    monkeypatch.setattr(gen, "decode_step", counting_step)
+    outputs = gen.continuous_greedy_generate(method, prompts, pad_id=1, eos_ids=eos_ids, max_new_tokens=STEPS,
+                                             device=CPU, **kwargs)
+    monkeypatch.undo()
+    return outputs, passes, steps
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 16])
+@pytest.mark.parametrize("refill_rows", [1, 2, 3])
+@pytest.mark.parametrize("drop_fraction", [0.0, 0.25, 1.0])
+def test_replay_runs_the_passes_of_continuous_batching(monkeypatch, batch_size, refill_rows, drop_fraction):
+    method = varied(BaseModelHandle(tiny_llama()))
+    prompts = sorted(PROMPTS, key=len)  # as ModelPredictor orders them
+    eos_ids = eos_for_varied_lengths(method, prompts)
+    outputs, passes, steps = recorded_passes(monkeypatch, method, prompts, eos_ids, batch_size=batch_size,
+                                             refill_rows=refill_rows, drop_fraction=drop_fraction)
+    lengths = [len(row) for row in outputs]
+    assert len(set(lengths)) >= 4 and STEPS in lengths, "some rows should end early, some at the cap"
+    replay = generation_schedule([len(p) for p in prompts], lengths, STEPS, batch_size, continuous=True,
+                                 refill_rows=refill_rows, drop_fraction=drop_fraction)
+    assert replay.passes == passes
+    assert replay.steps == steps
+
+
+def test_outputs_ending_at_the_first_token_and_at_the_cap():
+    # 3 rows; prompt 0 ends at its first token (eos right away), prompts 1-3 run to the cap of 4 (3 decode steps)
+    replay = generation_schedule([2, 3, 5, 5], [0, 9, 4, 4], 4, batch_size=3)
+    assert replay.passes == [(3, 15), (1, 5)]  # the freed row is refilled before the first decode step
+    assert replay.steps == [3, 3, 3]
+    one_by_one = generation_schedule([2, 3], [1, 1], 4, batch_size=1)
+    assert one_by_one.passes == [(1, 2), (1, 3)] and one_by_one.steps == [1, 1]
+
+
+def test_one_batch_after_another_is_an_upper_bound():
+    replay = generation_schedule([2, 3, 4, 6, 7], [1, 5, 2, 3, 0], 8, batch_size=2, continuous=False)
+    assert replay.passes == [(2, 6), (2, 12), (1, 7)]
+    assert replay.steps == [2] * 5 + [2] * 3  # the last batch's only row ends at its first token
+
+
+def test_mismatched_lengths_are_an_error():
+    with pytest.raises(ValueError, match="3 prompt lengths but 2 output lengths"):
+        generation_schedule([1, 2, 3], [1, 2], 4, batch_size=2)
