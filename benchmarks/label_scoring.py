@@ -11,21 +11,21 @@ Usage:
     python benchmarks/label_scoring.py [--model smollm2-135m] [--data ../shared/data/imdb] [--examples 64]
         [--batch-size 8] [--repeats 3] [--threads N] [--method zero-shot|lora]
 
-Prints a markdown table, then where one batch of "after" spends its time: the prompt pass alone (each label cut to
-its first token, which the prompt pass scores) against the full scoring (plus one pass per label for its other
-tokens), medians of ``--repeats`` timings of the first batch.
+Prints a markdown table, then where the first batch's time goes (``batch_breakdown``): the per-pair path on the same
+reviews, and the one-pass path's prompt pass without a KV cache, with it, and with the label continuations.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from bench_common import add_workload_options, benchmark_parser, parse_benchmark_args
 
 from peftlab.config import MethodConfig, RunConfig
-from peftlab.data.batching import collate
+from peftlab.data.batching import collate, left_pad
 from peftlab.data.dataset import load_examples
 from peftlab.data.encode import EncodedExample
 from peftlab.evaluation.generate import ModelPredictor, score_continuations
@@ -54,21 +54,49 @@ def per_pair_scores(predictor: ModelPredictor, examples: list, choices: list[str
     return [scores[k * n:(k + 1) * n] for k in range(len(examples))]
 
 
+def prompt_pass_without_cache(predictor: ModelPredictor, prompts: list[list[int]]) -> None:
+    """The prompt pass of :func:`~peftlab.evaluation.generate.prefill` with no KV cache kept (``use_cache=False``):
+    the same left-padded input and positions, the head on the last position only."""
+    method = predictor.method
+    input_ids, attention_mask = left_pad(prompts, predictor.pad_id)
+    inputs = method.prepare_inputs(input_ids.to(predictor.device), attention_mask.to(predictor.device))
+    fed = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
+    positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)[:, -fed.shape[1]:]
+    method.model(**inputs, position_ids=positions, use_cache=False, logits_to_keep=1)
+
+
+@torch.no_grad()
 def batch_breakdown(predictor: ModelPredictor, examples: list, labels: list[str], repeats: int) -> str:
-    """Median seconds of the first batch scored with each label cut to its first token (the prompt pass only)
-    and with the whole labels; the difference is the per-label continuation passes."""
-    prompts = sorted(predictor.encoder.encode_prompts(examples), key=len)[:predictor.batch_size]
+    """Where the first batch's time goes, medians of ``repeats`` rounds: the per-pair path on the same reviews
+    (one sequence per review and label), then the one-pass path's prompt pass without a KV cache, with it (each
+    label cut to its first token, which the prompt pass scores), and with the whole labels (plus one pass per
+    label for its other tokens). Their differences are the cost of keeping the cache and of the continuations."""
+    encode = predictor.encoder.encode_prompts
+    first = sorted(examples, key=lambda e: len(encode([e])[0]))[:predictor.batch_size]
+    prompts = encode(first)
     choices = predictor.encoder.encode_targets(labels)
-    seconds: dict[str, list[float]] = {"prompt pass only": [], "whole labels": []}
+    method, pad, device = predictor.method, predictor.pad_id, predictor.device
+    parts: dict[str, Callable[[], object]] = {
+        "per pair": lambda: per_pair_scores(predictor, first, labels),
+        "prompt pass, no cache": lambda: prompt_pass_without_cache(predictor, prompts),
+        "prompt pass": lambda: score_continuations(method, prompts, [c[:1] for c in choices], pad, device),
+        "whole labels": lambda: score_continuations(method, prompts, choices, pad, device),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in parts}
     for _ in range(repeats):
-        for name, chosen in (("prompt pass only", [c[:1] for c in choices]), ("whole labels", choices)):
+        for name, run in parts.items():
             start = time.perf_counter()
-            score_continuations(predictor.method, prompts, chosen, predictor.pad_id, predictor.device)
+            run()
             seconds[name].append(time.perf_counter() - start)
-    only, whole = (statistics.median(v) for v in seconds.values())
-    return (f"one batch of {len(prompts)} prompts ({sum(map(len, prompts))} tokens), labels of "
-            f"{[len(c) for c in choices]} tokens: prompt pass {only:.2f} s, with the label continuations "
-            f"{whole:.2f} s ({(whole - only) / whole:.0%} of the batch)")
+    med = {name: statistics.median(v) for name, v in seconds.items()}
+    whole = med["whole labels"]
+    return (f"first batch: {len(prompts)} prompts ({sum(map(len, prompts))} tokens), labels of "
+            f"{[len(c) for c in choices]} tokens; medians: per pair {med['per pair']:.2f} s "
+            f"({len(prompts) * len(choices)} sequences); one pass: prompt pass without a KV cache "
+            f"{med['prompt pass, no cache']:.2f} s, with it {med['prompt pass']:.2f} s, with the label continuations "
+            f"{whole:.2f} s (continuations {(whole - med['prompt pass']) / whole:.0%} of the batch, keeping the cache "
+            f"{(med['prompt pass'] - med['prompt pass, no cache']) / whole:.0%}); per pair / one pass "
+            f"{med['per pair'] / whole:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> None:
