@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-import peftlab.evaluation.generate as gen
+from peftlab.evaluation.schedule import PassTimer
 from peftlab.lab.compare import pilot_results, plan
 from peftlab.lab.compare_grid import load_grid
 from peftlab.lab.estimate import (
@@ -50,6 +50,7 @@ from peftlab.lab.estimate import (
     evaluation_seconds,
     trained_output_tokens,
 )
+from peftlab.lab.experiment import load_split
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # rows of a pass: 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64+
 
@@ -58,36 +59,6 @@ def bucket(rows: int) -> str:
     low = max(b for b in BUCKETS if b <= rows)
     high = next((b - 1 for b in BUCKETS if b > low), None)
     return f"{low}" if high == low else f"{low}-{high}" if high else f"{low}+"
-
-
-class Recorder:
-    """Wraps :func:`peftlab.evaluation.generate.prefill` and ``decode_step`` with timers (CPU work is synchronous,
-    so a wall-clock timer around a call is the call's time)."""
-
-    def __init__(self) -> None:
-        self.prefills: list[tuple[int, int, float]] = []  # (rows, padded prompt positions, seconds)
-        self.decodes: list[tuple[int, float]] = []         # (rows, seconds)
-        self._prefill, self._decode = gen.prefill, gen.decode_step
-
-    def __enter__(self) -> Recorder:
-        def prefill(method: Any, prompts: Any, *args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            state = self._prefill(method, prompts, *args, **kwargs)
-            seconds = time.perf_counter() - t0  # positions as the estimator counts them: virtual ones not included
-            self.prefills.append((len(prompts), len(prompts) * max(len(p) for p in prompts), seconds))
-            return state
-
-        def decode_step(model: Any, token: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            logits = self._decode(model, token, *args, **kwargs)
-            self.decodes.append((token.shape[0], time.perf_counter() - t0))
-            return logits
-
-        gen.prefill, gen.decode_step = prefill, decode_step
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        gen.prefill, gen.decode_step = self._prefill, self._decode
 
 
 def _setup(run: Any) -> Any:
@@ -129,9 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     setup = _setup(run)
     cfg = run.cfg
-    from peftlab.lab.experiment import _load_split
-
-    examples = _load_split(setup, "test", args.examples or cfg.data.max_test)
+    examples = load_split(setup, "test", args.examples or cfg.data.max_test)
     ev = cfg.eval
     counted = CountingPredictor(setup.encoder, ev.batch_size, ev.num_beams, ev.continuous_batching, ev.refill_rows,
                                 trained_output_tokens(setup.encoder) if run.kind != ZERO_SHOT else None)
@@ -144,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     merged = setup.method.mergeable and cfg.model.dtype == "float32"
     if merged:
         setup.method.merge()
-    with Recorder() as rec:
+    with PassTimer() as rec:
         t0 = time.perf_counter()
         rows = predictor.generate_ids(prompts, ev.max_new_tokens)
         total = time.perf_counter() - t0
@@ -161,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "measured passes at the estimator's rates": _priced(measured, rates),
     }
     summary["rates"] = {k: getattr(rates, k) for k in ("prefill_positions_per_s", "prefill_one_positions_per_s",
-                                                       "decode_rows_per_s", "decode_one_rows_per_s", "eval_rows")}
+                                                       "decode_rows_per_s", "decode_one_rows_per_s", "eval_rows",
+                                                       "loop_step_seconds")}
     summary["virtual_positions"] = v
     summary.update(run=run.stem, examples=len(examples), threads=torch.get_num_threads(),
                    batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
@@ -182,7 +152,7 @@ def _priced(work: Work, rates: Any) -> dict[str, float]:
             "seconds": evaluation_seconds(work, rates)}
 
 
-def summarise(rec: Recorder, rows: list[list[int]], total: float, cap: int) -> dict[str, Any]:
+def summarise(rec: PassTimer, rows: list[list[int]], total: float, cap: int) -> dict[str, Any]:
     prefill: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])
     for n, positions, seconds in rec.prefills:
         b = prefill[bucket(n)]
@@ -236,8 +206,9 @@ def report(s: dict[str, Any]) -> None:
     r = s["rates"]
     print(f"(rates at {r['eval_rows']} rows / 1 row: prompt pass {r['prefill_positions_per_s']:.0f} / "
           f"{r['prefill_one_positions_per_s']:.0f} positions/s, decode {r['decode_rows_per_s']:.1f} / "
-          f"{r['decode_one_rows_per_s']:.1f} row-steps/s; {s['virtual_positions']} virtual positions per row "
-          "are priced on top of the prompt positions)")
+          f"{r['decode_one_rows_per_s']:.1f} row-steps/s, the loop's own work {1000 * r['loop_step_seconds']:.1f} ms "
+          f"per decode step; {s['virtual_positions']} virtual positions per row are priced on top of the prompt "
+          "positions)")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 
 from peftlab.config import load_config
 from peftlab.data.batching import collate
-from peftlab.lab.experiment import _load_split, build
+from peftlab.lab.experiment import build, load_split
 from peftlab.training.loss import target_only_loss
 
 
@@ -22,7 +22,7 @@ def main(dtype: str, method: str, autocast: bool) -> None:
     overrides = ["data=../shared/data/e2e_nlg", f"method={method}",
                  f"model.dtype={'bfloat16' if bf16 and not autocast else 'float32'}"]
     setup = build(load_config(None, overrides))
-    encoded = setup.encoder.encode_many(_load_split(setup, "train", 32, sample_seed=0))
+    encoded = setup.encoder.encode_many(load_split(setup, "train", 32, sample_seed=0))
     optimizer = torch.optim.AdamW(setup.method.trainable_parameters().values(), lr=1e-4)
     setup.method.model.train()
     for i in range(4):

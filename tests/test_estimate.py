@@ -3,6 +3,7 @@ reused, a grid records each run's prediction and the report shows predicted vs a
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import time
@@ -166,6 +167,9 @@ def test_passes_are_priced_by_their_rows():
     work.prompt_pass(1, 100)
     work.decode(2, 5)
     assert est.evaluation_seconds(work, flat) == pytest.approx(100 / 1600 + 10 / 160)
+    # the generation loop's own work is paid once per decode step, whatever its rows
+    looped = dataclasses.replace(flat, loop_step_seconds=0.01)
+    assert est.evaluation_seconds(work, looped) == pytest.approx(100 / 1600 + 10 / 160 + 5 * 0.01)
 
 
 def test_estimate_runs_nothing_writes_no_results_and_reuses_its_cache(tmp_path, tiny_llama_dir, monkeypatch, capsys):
@@ -244,6 +248,7 @@ def test_real_calibration_on_the_tiny_model_is_quick_and_positive(tmp_path, tiny
     assert not prompt.eval_as_base and prompt.prefill_positions_per_s > 0 and prompt.decode_rows_per_s > 0
     # and at one row (eval.batch_size is 2 here), for refills and a batch's last rows
     assert prompt.eval_rows == 2 and prompt.prefill_one_positions_per_s > 0 and prompt.decode_one_rows_per_s > 0
+    assert prompt.loop_step_seconds > 0  # timed inside the generation loop, whose own work is measured too
     assert lora.eval_as_base and lora.prefill_positions_per_s == 0
     assert prompt.train_positions_per_s > 0 and prompt.update_seconds > 0 and lora.head_targets_per_s == 0
     # last-layer's trunk is frozen: later epochs are served by the trunk cache, at the head's own rate

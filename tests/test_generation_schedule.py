@@ -10,50 +10,38 @@ from conftest import tiny_llama
 from test_generation_continuous import PROMPTS, STEPS, eos_for_varied_lengths, varied
 
 import peftlab.evaluation.generate as gen
-from peftlab.evaluation.schedule import generation_schedule
+from peftlab.evaluation.generate import decode_step, prefill
+from peftlab.evaluation.schedule import PassTimer, generation_schedule
 from peftlab.methods.base import BaseModelHandle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 
 
-def recorded_passes(monkeypatch, method, prompts, eos_ids, **kwargs):
-    """The real loop's outputs, prompt passes (rows, padded positions) and decode steps (rows)."""
-    passes, steps = [], []
-    prefill, decode_step = gen.prefill, gen.decode_step
-
-    def counting_prefill(m, batch, *args, **kw):
-        state = prefill(m, batch, *args, **kw)
-        passes.append((len(batch), len(batch) * max(len(p) for p in batch)))
-        return state
-
-    def counting_step(model, token, *args, **kw):
-        steps.append(token.shape[0])
-        return decode_step(model, token, *args, **kw)
-
-    monkeypatch.setattr(gen, "prefill", counting_prefill)
-    monkeypatch.setattr(gen, "decode_step", counting_step)
-    outputs = gen.continuous_greedy_generate(method, prompts, pad_id=1, eos_ids=eos_ids, max_new_tokens=STEPS,
-                                             device=CPU, **kwargs)
-    monkeypatch.undo()
-    return outputs, passes, steps
+def recorded_passes(method, prompts, eos_ids, **kwargs):
+    """The real loop's outputs and the passes it ran (prompt passes and decode steps, as the replay writes them)."""
+    with PassTimer() as timer:
+        outputs = gen.continuous_greedy_generate(method, prompts, pad_id=1, eos_ids=eos_ids, max_new_tokens=STEPS,
+                                                 device=CPU, **kwargs)
+    assert gen.prefill is prefill and gen.decode_step is decode_step, "the timer puts the loop's functions back"
+    return outputs, timer.schedule()
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 4, 16])
 @pytest.mark.parametrize("refill_rows", [1, 2, 3])
 @pytest.mark.parametrize("drop_fraction", [0.0, 0.25, 1.0])
-def test_replay_runs_the_passes_of_continuous_batching(monkeypatch, batch_size, refill_rows, drop_fraction):
+def test_replay_runs_the_passes_of_continuous_batching(batch_size, refill_rows, drop_fraction):
     method = varied(BaseModelHandle(tiny_llama()))
     prompts = sorted(PROMPTS, key=len)  # as ModelPredictor orders them
     eos_ids = eos_for_varied_lengths(method, prompts)
-    outputs, passes, steps = recorded_passes(monkeypatch, method, prompts, eos_ids, batch_size=batch_size,
-                                             refill_rows=refill_rows, drop_fraction=drop_fraction)
+    outputs, ran = recorded_passes(method, prompts, eos_ids, batch_size=batch_size, refill_rows=refill_rows,
+                                   drop_fraction=drop_fraction)
     lengths = [len(row) for row in outputs]
     assert len(set(lengths)) >= 4 and STEPS in lengths, "some rows should end early, some at the cap"
     replay = generation_schedule([len(p) for p in prompts], lengths, STEPS, batch_size, continuous=True,
                                  refill_rows=refill_rows, drop_fraction=drop_fraction)
-    assert replay.passes == passes
-    assert replay.steps == steps
+    assert replay.passes == ran.passes
+    assert replay.steps == ran.steps
 
 
 def test_outputs_ending_at_the_first_token_and_at_the_cap():
@@ -74,3 +62,15 @@ def test_one_batch_after_another_is_an_upper_bound():
 def test_mismatched_lengths_are_an_error():
     with pytest.raises(ValueError, match="3 prompt lengths but 2 output lengths"):
         generation_schedule([1, 2, 3], [1, 2], 4, batch_size=2)
+
+
+def test_pass_timer_times_every_pass_and_restores_the_loop_after_an_error():
+    method = varied(BaseModelHandle(tiny_llama()))
+    with pytest.raises(RuntimeError, match="stop"), PassTimer() as timer:
+        gen.greedy_generate(method, PROMPTS[:2], pad_id=1, eos_ids=set(), max_new_tokens=3, device=CPU)
+        raise RuntimeError("stop")
+    assert gen.prefill is prefill and gen.decode_step is decode_step
+    longest = max(len(p) for p in PROMPTS[:2])
+    assert [(rows, positions) for rows, positions, _ in timer.prefills] == [(2, 2 * longest)]
+    assert [rows for rows, _ in timer.decodes] == [2, 2]
+    assert all(seconds > 0 for *_, seconds in [*timer.prefills, *timer.decodes])

@@ -7,7 +7,7 @@ import torch
 from conftest import SHARED_DATA, requires_shared_data, requires_smollm2
 
 from peftlab.config import load_config
-from peftlab.lab.experiment import _load_split, build
+from peftlab.lab.experiment import build, load_split
 from peftlab.training.trainer import Trainer
 
 pytestmark = [pytest.mark.real, requires_smollm2, requires_shared_data]
@@ -20,8 +20,8 @@ def test_lora_steps_lower_the_loss_and_generation_returns_text(tmp_path):
                              f"out={tmp_path}"])
     setup = build(cfg)
     assert 134_000_000 < setup.total_params < 135_000_000
-    train = _load_split(setup, "train", cfg.data.max_train, sample_seed=0)
-    val = _load_split(setup, "validation", cfg.data.max_validation)
+    train = load_split(setup, "train", cfg.data.max_train, sample_seed=0)
+    val = load_split(setup, "validation", cfg.data.max_validation)
     trainer = Trainer(setup.method, setup.encoder.encode_many(train), setup.encoder.encode_many(val), cfg.train,
                       tmp_path, setup.tokenizer.pad_token_id, cfg.train.lr, device=setup.device)
     before = trainer.validation_loss()

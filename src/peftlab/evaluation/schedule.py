@@ -5,15 +5,20 @@
 :func:`~peftlab.evaluation.generate.greedy_generate`) for prompts of known lengths whose outputs end after known
 numbers of tokens, and returns every prompt pass (rows, padded positions) and every decode step (rows). The grid
 estimate (:mod:`peftlab.lab.estimate`) prices these with rates that depend on the rows of a pass, because on a CPU a
-one-row prompt pass or decode step costs far more per row than a full batch's; the tests hold the replay to the
-passes the real loops run.
+one-row prompt pass or decode step costs far more per row than a full batch's.
+
+:class:`PassTimer` is the other side: it records (and times) the passes the real loops run, which is how the tests
+hold the replay to the loops, how the calibration (:mod:`peftlab.lab.calibrate`) measures its rates inside the
+generation loop, and how ``benchmarks/generation_schedule.py`` shows where a run's generation time goes.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -80,3 +85,52 @@ def _one_batch(lengths: Sequence[int], received: Sequence[int], schedule: Schedu
     kept on padding counts as finished depends on what the model predicts after padding, which no replay knows.)"""
     schedule.passes.append((len(lengths), len(lengths) * max(lengths)))
     schedule.steps += [len(lengths)] * (max(received) - 1)
+
+
+class PassTimer:
+    """Within ``with PassTimer() as timer:``, every prompt pass and decode step that the loops of
+    :mod:`peftlab.evaluation.generate` run is recorded with its wall time: ``timer.prefills`` holds (rows, padded
+    prompt positions, seconds), ``timer.decodes`` (rows, seconds), in the order they ran.
+
+    It wraps the module's ``prefill`` and ``decode_step`` (the loops look them up at each call) and puts them back on
+    exit. Positions are counted as the replay counts them: a method's virtual positions (soft prompt, prefix) are
+    not included. Work on a CPU is synchronous, so a timer around a call is the call's time; on an accelerator the
+    times would need a synchronisation first.
+    """
+
+    def __init__(self) -> None:
+        self.prefills: list[tuple[int, int, float]] = []
+        self.decodes: list[tuple[int, float]] = []
+        self._saved: tuple[Any, Any] | None = None
+
+    def schedule(self) -> Schedule:
+        """What ran, as the replay writes it."""
+        return Schedule([(rows, positions) for rows, positions, _ in self.prefills],
+                        [rows for rows, _ in self.decodes])
+
+    def __enter__(self) -> PassTimer:
+        import peftlab.evaluation.generate as gen
+
+        prefill, decode_step = self._saved = gen.prefill, gen.decode_step
+
+        def timed_prefill(method: Any, prompts: Sequence[Sequence[int]], *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            state = prefill(method, prompts, *args, **kwargs)
+            self.prefills.append((len(prompts), len(prompts) * max(len(p) for p in prompts),
+                                  time.perf_counter() - t0))
+            return state
+
+        def timed_decode_step(model: Any, input_ids: Any, *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            logits = decode_step(model, input_ids, *args, **kwargs)
+            self.decodes.append((input_ids.shape[0], time.perf_counter() - t0))
+            return logits
+
+        gen.prefill, gen.decode_step = timed_prefill, timed_decode_step
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import peftlab.evaluation.generate as gen
+
+        assert self._saved is not None
+        gen.prefill, gen.decode_step = self._saved

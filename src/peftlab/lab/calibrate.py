@@ -2,13 +2,14 @@
 
 For each method family (method + options + precision) once: the method's own training step (the
 :class:`~peftlab.training.trainer.Trainer`, on micro-batches of ``train.batch_size`` synthetic sequences of the grid's
-mean length, after a warm-up step of that shape), the optimizer update every step pays, a checkpoint save, a prompt
-pass of ``eval.batch_size`` prompts of the grid's mean prompt length and decode steps over its KV cache, under the
-run's own precision (``train.bf16``, ``model.dtype``). Rates are measured at the grid's own batch sizes because on a
-CPU they depend on them: on a 2-core Xeon, LoRA on SmolLM2-135M (bf16, one thread) trained 193 positions/s at 1 row
-and 260 at 8, and a 150-token prompt pass ran 2.4-4.7x more positions/s at 16 rows than at 1 (calibrating at 1 row,
-the estimator predicted the IMDB and CNN/DM grids at about twice their measured time). Methods whose evaluation is
-the base model's forward (merged LoRA/IA3, BitFit) take the base model's evaluation rates, measured once.
+mean length, after a warm-up step of that shape), the optimizer update every step pays, a checkpoint save, and the
+evaluation's generation loop on ``eval.batch_size`` prompts of the grid's mean prompt length and on one row (its
+prompt passes, decode steps and own work timed inside it, :func:`_measure_evaluation`), under the run's own
+precision (``train.bf16``, ``model.dtype``). Rates are measured at the grid's own batch sizes because on a CPU they
+depend on them: on a 2-core Xeon, LoRA on SmolLM2-135M (bf16, one thread) trained 193 positions/s at 1 row and 260
+at 8, and a 150-token prompt pass ran 2.4-4.7x more positions/s at 16 rows than at 1 (calibrating at 1 row, the
+estimator predicted the IMDB and CNN/DM grids at about twice their measured time). Methods whose evaluation is the
+base model's forward (merged LoRA/IA3, BitFit) take the base model's evaluation rates, measured once.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-CACHE_VERSION = 4  # bump when what is measured changes: older cached rates are then measured again
+CACHE_VERSION = 5  # bump when what is measured changes: older cached rates are then measured again
 # (2: training and prompt passes measured at the grid's batch sizes instead of one row; 3: evaluation measured
 # under the evaluation's own precision context, bf16 frozen weights cast once, as ModelPredictor runs it; 4: prompt
-# passes and decode steps also measured at one row, for continuous batching's refills and a batch's last rows)
+# passes and decode steps also measured at one row, for continuous batching's refills and a batch's last rows;
+# 5: evaluation timed inside the generation loop, its own work per decode step measured)
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Rates:
     decode_rows_per_s: float = 0.0        # decode steps of eval_rows rows: row-steps per second
     prefill_one_positions_per_s: float = 0.0  # the same at one row (0: not measured, the eval_rows rates serve)
     decode_one_rows_per_s: float = 0.0
+    loop_step_seconds: float = 0.0       # the generation loop's own work (slot copies, bookkeeping) per decode step
     eval_rows: int = 0                    # the rows the evaluation rates were measured at (eval.batch_size)
     update_seconds: float = 0.0          # clipping + optimizer step, paid once per optimizer step
     save_seconds: float = 0.0
@@ -164,50 +167,59 @@ def _virtual_positions(method: Any, device: Any) -> int:
     return max(0, fed.shape[1] - 4)
 
 
+LOOP_TOKENS = 12  # tokens each calibration prompt generates (its decode steps: one fewer)
+
+
 def _measure_evaluation(setup: Any, family: Family, rates: Rates) -> None:
-    """Time one prompt pass of ``eval.batch_size`` prompts of the grid's mean prompt length (after a warm-up pass of
-    short ones), then decode steps of all those rows over its KV cache; then the same at one row (continuous
-    batching refills freed rows one prompt pass at a time, and a batch's last rows decode alone)."""
+    """Time evaluation inside its own generation loop (:func:`~peftlab.evaluation.generate.continuous_greedy_generate`
+    with every pass timed by :class:`~peftlab.evaluation.schedule.PassTimer`): ``eval.batch_size`` prompts of the
+    grid's mean prompt length generating :data:`LOOP_TOKENS` tokens each (eos ignored, so the work is fixed), after
+    a warm-up loop of short ones; then the same one row at a time over two prompts of different lengths (continuous
+    batching refills freed rows one prompt pass at a time, and a batch's last rows decode alone).
+
+    Timing passes inside the loop, not alone: on a 2-core Xeon (bf16, one thread) isolated passes ran 1.2-1.7x
+    faster than the same passes inside a CNN/DM run's generation (BENCHMARKS.md, "Generation, replayed"), and the
+    loop's own work between passes (slot copies, bookkeeping) is measured too, per decode step."""
     import torch
 
     rows = max(1, family.cfg.eval.batch_size)
     pad = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else setup.tokenizer.eos_token_id
     prompts = [_synthetic(setup.tokenizer, family.prompt_length, 1, 7 + k).input_ids for k in range(rows)]
-    positions = family.prompt_length + rates.virtual_positions
+    new_tokens = max(2, min(family.cfg.eval.max_new_tokens or LOOP_TOKENS, LOOP_TOKENS))
     setup.method.model.eval()
     with torch.no_grad(), setup.predictor().precision():  # the evaluation's own precision (frozen weights cast once)
+        _timed_loop(setup, [p[:16] for p in prompts], pad, 2, rows)  # warm-up
         rates.eval_rows = rows
-        rates.prefill_positions_per_s, rates.decode_rows_per_s = _pass_rates(setup, prompts, pad, positions)
+        rates.prefill_positions_per_s, rates.decode_rows_per_s, rates.loop_step_seconds = _timed_loop(
+            setup, prompts, pad, new_tokens, rows, rates.virtual_positions)
         if rows > 1:
-            rates.prefill_one_positions_per_s, rates.decode_one_rows_per_s = _pass_rates(setup, prompts[:1], pad,
-                                                                                         positions)
+            shorter = prompts[1][:max(1, family.prompt_length - max(1, family.prompt_length // 8))]
+            rates.prefill_one_positions_per_s, rates.decode_one_rows_per_s, _ = _timed_loop(
+                setup, [prompts[0], shorter], pad, new_tokens, 1, rates.virtual_positions)
 
 
-def _pass_rates(setup: Any, prompts: list[list[int]], pad: int, positions: int) -> tuple[float, float]:
-    """(prompt positions per second, decode row-steps per second) of one prompt pass over ``prompts`` (after a
-    warm-up pass of short ones) and 3 timed decode steps over its cache (after one untimed)."""
-    import torch
+def _timed_loop(setup: Any, prompts: list[list[int]], pad: int, new_tokens: int, batch_size: int,
+                virtual: int = 0) -> tuple[float, float, float]:
+    """Generate ``new_tokens`` per prompt (eos ignored) with the evaluation's loop at ``batch_size`` rows; returns
+    (prompt positions per second over its prompt passes, ``virtual`` positions per row included; decode row-steps per
+    second over its decode steps after each batch's first; the loop's seconds outside passes per decode step)."""
+    from peftlab.evaluation.generate import continuous_greedy_generate
+    from peftlab.evaluation.schedule import PassTimer
 
-    from peftlab.evaluation.generate import decode_step, prefill
-    from peftlab.evaluation.kv_cache import preallocate
-
-    method, device, rows = setup.method, setup.device, len(prompts)
-    prefill(method, [p[:16] for p in prompts], pad, device)  # warm-up
-    t0 = time.perf_counter()
-    state = prefill(method, prompts, pad, device)
-    prefill_rate = rows * positions / (time.perf_counter() - t0)
-    steps = 4
-    preallocate(state.cache, steps)  # as generation does; a cache kind it cannot preallocate grows instead
-    mask, position = state.attention_mask, state.position
-    token = state.logits.argmax(-1)  # (rows,)
-    times = []
-    for _ in range(steps):
+    predictor = setup.predictor()
+    with PassTimer() as timer:
         t0 = time.perf_counter()
-        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-        position = position + 1
-        token = decode_step(method.model, token[:, None], mask, position, state.cache).argmax(-1)
-        times.append(time.perf_counter() - t0)
-    return prefill_rate, rows * (steps - 1) / max(sum(times[1:]), 1e-9)
+        continuous_greedy_generate(setup.method, prompts, pad, set(), new_tokens, setup.device, batch_size,
+                                   compile_step=predictor.compile_decode, refill_rows=predictor.refill_rows)
+        total = time.perf_counter() - t0
+    positions = sum(p + virtual * rows for rows, p, _ in timer.prefills)
+    prefill_seconds = sum(s for *_, s in timer.prefills)
+    per_batch = new_tokens - 1  # decode steps after each batch's prompt pass; the first of each is its warm-up
+    timed = [d for k, d in enumerate(timer.decodes) if k % per_batch]
+    decode_seconds = sum(s for _, s in timer.decodes)
+    rest = max(0.0, total - prefill_seconds - decode_seconds)
+    return (positions / max(prefill_seconds, 1e-9), sum(r for r, _ in timed) / max(sum(s for _, s in timed), 1e-9),
+            rest / max(1, len(timer.decodes)))
 
 
 def measure_family(family: Family) -> Rates:

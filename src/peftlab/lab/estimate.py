@@ -348,13 +348,15 @@ def predict_seconds(cfg: Any, work: Work, train: Rates | None, evaluation: Rates
 def evaluation_seconds(work: Work, rates: Rates) -> float:
     """The evaluation passes of ``work`` priced by their rows: a prompt pass of r rows at a rate between the
     one-row and the full-batch rate (interpolated in log r), a decode step of r rows at a time linear in r between
-    the one-row and the full-batch step (a step reads every weight however few its rows)."""
+    the one-row and the full-batch step (a step reads every weight however few its rows), plus the generation loop's
+    own work per decode step (a label-continuation position of classification, counted as a decode step, pays it
+    too: a few milliseconds per batch)."""
     v, full = rates.virtual_positions, max(1, rates.eval_rows)
     seconds = 0.0
     for rows, (passes, positions) in work.prompt_passes.items():
         seconds += (positions + v * passes * int(rows)) / _prefill_rate(rates, int(rows), full)
     for rows, steps in work.decode_steps.items():
-        seconds += steps * _decode_step_seconds(rates, int(rows), full)
+        seconds += steps * (_decode_step_seconds(rates, int(rows), full) + rates.loop_step_seconds)
     return seconds
 
 

@@ -166,7 +166,10 @@ def _check_out_dir(out: Path, resume: bool) -> None:
         raise ConfigError(f"out: {out} already holds a run; pass resume=true to continue it, or choose another out")
 
 
-def _load_split(setup: Setup, which: str, limit: int | None, sample_seed: int | None = None) -> list[Example]:
+def load_split(setup: Setup, which: str, limit: int | None, sample_seed: int | None = None) -> list[Example]:
+    """The examples of split ``which`` ("train", "validation", "test" or a split's own name) as a run reads them:
+    the first ``limit``, or ``limit`` sampled with ``sample_seed``; examples skipped for an empty target are named on
+    stderr (rank 0)."""
     data = setup.cfg.data
     split = {"train": data.train_split, "validation": data.validation_split, "test": data.test_split}.get(which, which)
     examples, stats = load_examples(data, setup.task, split, limit=limit, sample_seed=sample_seed)
@@ -199,7 +202,7 @@ def evaluate_splits(setup: Setup, splits: list[str], merge: bool = True) -> Eval
     try:
         for split in splits:
             limit = cfg.data.max_test if split in ("test", cfg.data.test_split) else cfg.data.max_validation
-            examples = _load_split(setup, split, limit)
+            examples = load_split(setup, split, limit)
             t0 = time.perf_counter()
             output = setup.task.evaluate(setup.predictor(), examples, cfg.eval.max_new_tokens)
             seconds = time.perf_counter() - t0
@@ -268,9 +271,9 @@ def _train_locked(cfg: RunConfig, ctx: DistContext, command: str, on_step: Calla
     setup = build(cfg, device=ctx.device)
     # The base model's cross-entropy on out-of-task text, before any step (and before a resume loads weights).
     forgetting_before = forgetting_ce(setup, adapted=False) if ctx.is_main else None
-    train = _load_split(setup, "train", cfg.data.max_train, sample_seed=cfg.data.seed)
+    train = load_split(setup, "train", cfg.data.max_train, sample_seed=cfg.data.seed)
     setup.task.fit_labels(train)
-    val = _load_split(setup, "validation", cfg.data.max_validation)
+    val = load_split(setup, "validation", cfg.data.max_validation)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", cfg.to_dict())
@@ -398,7 +401,7 @@ def _eval_locked(cfg: RunConfig, command: str) -> ResultRecord:
     else:
         setup = _zero_shot_setup(cfg)
     if setup.task.needs_train_labels and not cfg.task.labels:
-        setup.task.fit_labels(_load_split(setup, "train", None))
+        setup.task.fit_labels(load_split(setup, "train", None))
     evaluation = evaluate_splits(setup, cfg.eval.splits)
     method_name = read_adapter_config(cfg.adapter)["method"] if cfg.adapter else "zero-shot"
     after = forgetting_ce(setup, adapted=True)
