@@ -178,3 +178,20 @@ def test_predictor_texts_equal_with_and_without_continuous_batching(tiny_llama_d
     batched = setup.predictor()
     assert not batched.continuous
     assert continuous.generate(examples, 8) == batched.generate(examples, 8)
+
+
+@pytest.mark.parametrize(("name", "family"), [p for p in method_family_cases() if p.values[1] == "llama"])
+def test_continuous_batching_under_the_evaluations_bf16_precision(name, family):
+    """Under bf16 autocast with the frozen weights cast once (how the studies evaluate), a method whose cache holds
+    keys and values of two dtypes (prefix tuning's fp32 prefix values beside bf16 new ones) decodes through the slot
+    cache as through the plain one: one row at a time, so the rounding is the same on both sides."""
+    from peftlab.models.loading import frozen_matmul_weights_in_bf16
+
+    method = varied(applied_method(name, family))
+    method.after_training()  # as evaluation runs it: prefix tuning's MLP folded into fp32 prefixes
+    if method.mergeable:
+        method.merge()
+    with torch.autocast("cpu", dtype=torch.bfloat16), frozen_matmul_weights_in_bf16(method.model):
+        expected = [greedy_generate(method, [p], 1, set(), 6, CPU)[0] for p in PROMPTS[:4]]
+        got = continuous_greedy_generate(method, PROMPTS[:4], 1, set(), 6, CPU, batch_size=1)
+    assert got == expected

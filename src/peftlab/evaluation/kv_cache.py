@@ -160,8 +160,11 @@ class SlotLayer(DynamicLayer):
         if key_states.shape[-2] != 1:
             raise ValueError("a slot KV cache takes one new position per row; prefill into a plain cache and fill()")
         rows = torch.arange(key_states.shape[0], device=key_states.device)
-        self._keys[rows, :, self.slots.lengths] = key_states[:, :, 0]  # (R, H, hd) into (R, H, hd)
-        self._values[rows, :, self.slots.lengths] = value_states[:, :, 0]
+        # (R, H, hd) into (R, H, hd), in the buffers' dtype: a cache may hold another dtype than a step's new keys
+        # (prefix tuning's fp32 prefix values under bf16 autocast make the prefill's values fp32, the step's are
+        # bf16), and an indexed write does not cast as the slice copy of a plain or preallocated layer does
+        self._keys[rows, :, self.slots.lengths] = key_states[:, :, 0].to(self._keys.dtype)
+        self._values[rows, :, self.slots.lengths] = value_states[:, :, 0].to(self._values.dtype)
         self._view()
         return self.keys, self.values
 
