@@ -304,3 +304,16 @@ def test_min_steps_is_counted_as_the_trainer_counts_it(tmp_path, tiny_llama_dir)
     work = est.count_run(lora, _tok(tiny_llama_dir), est.SplitReader())
     assert work.steps == 5 == planned_steps(lora.cfg.train, 4)
     assert work.train_rows + work.later_rows == 10  # 5 micro-batches of 2: the data goes round 2.5 times
+
+
+@pytest.mark.parametrize("rows", [2, 4, 16, 32])
+def test_the_calibration_loop_times_every_kind_of_pass(rows):
+    """The output lengths the calibration generates make the loop run what the estimate prices: a full batch's
+    prompt pass, one-row refills, decode steps of every row and of one row."""
+    from peftlab.evaluation.schedule import generation_schedule
+    from peftlab.lab.calibrate import loop_plan
+
+    ends = loop_plan(rows)
+    replay = generation_schedule([50] * len(ends), ends, max(ends) + 1, rows)
+    assert [n for n, _ in replay.passes].count(rows) == 1 and [n for n, _ in replay.passes].count(1) >= rows // 2
+    assert replay.steps.count(rows) >= 3 and replay.steps.count(1) >= 3

@@ -74,3 +74,16 @@ def test_pass_timer_times_every_pass_and_restores_the_loop_after_an_error():
     assert [(rows, positions) for rows, positions, _ in timer.prefills] == [(2, 2 * longest)]
     assert [rows for rows, _ in timer.decodes] == [2, 2]
     assert all(seconds > 0 for *_, seconds in [*timer.prefills, *timer.decodes])
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_outputs_of_given_lengths_run_the_replayed_passes(batch_size):
+    """``ends`` makes each prompt's output end at a given length (how the estimate's calibration runs the loop):
+    the outputs have those lengths (or the cap), and the loop runs the passes the replay counts for them."""
+    method = varied(BaseModelHandle(tiny_llama()))
+    prompts = sorted(PROMPTS, key=len)
+    ends = [0, 3, 9, 1, 12, 5, 2, 7, 4, 6]  # 0: eos first; 9 and 12: at the cap of STEPS (10)
+    outputs, ran = recorded_passes(method, prompts, set(), batch_size=batch_size, ends=ends)
+    assert [len(row) for row in outputs] == [min(n, STEPS) for n in ends]
+    replay = generation_schedule([len(p) for p in prompts], ends, STEPS, batch_size)
+    assert (replay.passes, replay.steps) == (ran.passes, ran.steps)

@@ -146,7 +146,7 @@ def decode_prefilled(method: PeftMethod, state: Prefilled, pad_id: int, eos_ids:
 def continuous_greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id: int, eos_ids: set[int],
                                max_new_tokens: int, device: torch.device, batch_size: int,
                                drop_fraction: float = 0.25, compile_step: bool = False,
-                               refill_rows: int = 1) -> list[list[int]]:
+                               refill_rows: int = 1, ends: Sequence[int] | None = None) -> list[list[int]]:
     """Greedy continuations of every prompt, decoded ``batch_size`` rows at a time with continuous batching.
 
     The first ``batch_size`` prompts are prefilled together (:func:`prefill`) and their cache becomes a slot cache
@@ -166,6 +166,10 @@ def continuous_greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[in
     ``compile_step`` runs each decode step through :func:`compiled_decode_step` over the slot cache's full
     capacity (fixed shapes). A model whose cache is not plain (sliding-window layers, ...) falls back to
     :func:`greedy_generate` one batch at a time.
+
+    ``ends``: prompt ``i``'s token after ``ends[i]`` outputs counts as its eos, whatever it is (the loop then runs
+    the passes :func:`~peftlab.evaluation.schedule.generation_schedule` replays for those lengths; the estimate's
+    calibration times it so). Not with the fallback.
     """
     if not prompts:
         return []
@@ -176,10 +180,12 @@ def continuous_greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[in
     capacity = virtual + max(len(p) for p in prompts) + max_new_tokens
     slots = to_slots(state.cache, state.attention_mask, capacity, static=compile_step)
     if slots is None:
+        if ends is not None:
+            raise ValueError("ends: needs a plain KV cache (this model's falls back to one batch after another)")
         return _batch_after_batch(method, prompts, state, first, list(queue), pad_id, eos_ids, max_new_tokens,
                                   device, batch_size, drop_fraction)
     step = compiled_decode_step() if compile_step else decode_step
-    batch = _Rows(first, [0] * len(first), eos_ids, max_new_tokens, [[] for _ in prompts])
+    batch = _Rows(first, [0] * len(first), eos_ids, max_new_tokens, [[] for _ in prompts], ends=ends)
     next_token, position = state.logits.argmax(-1), state.position.clone()  # (R,), (R, 1)
     batch.take(range(len(first)), next_token.tolist())
     progress = tqdm(total=len(prompts), desc="generate", unit="prompt", leave=False, mininterval=2.0)
@@ -236,7 +242,8 @@ def _batch_after_batch(method: PeftMethod, prompts: Sequence[Sequence[int]], sta
 class _Rows:
     """The rows of a continuous batch: which prompt each row holds (None once it finished) and what it generated.
 
-    ``outputs`` is indexed by prompt; a row's eos token is not stored. ``finished`` counts the prompts done.
+    ``outputs`` is indexed by prompt; a row's eos token is not stored. ``finished`` counts the prompts done;
+    ``ends`` (by prompt) makes a prompt's token after that many outputs its eos.
     """
 
     prompt: list[int | None]
@@ -245,6 +252,7 @@ class _Rows:
     max_new_tokens: int
     outputs: list[list[int]]
     finished: int = 0
+    ends: Sequence[int] | None = None
 
     def live(self) -> list[int]:
         return [row for row, p in enumerate(self.prompt) if p is not None]
@@ -260,10 +268,11 @@ class _Rows:
         """Append each row's new token to its prompt's output; a row ends at eos or at ``max_new_tokens``."""
         for row, token in zip(rows, tokens, strict=True):
             p = self.prompt[row]
-            if token not in self.eos_ids:
+            eos = token in self.eos_ids or (self.ends is not None and self.made[row] == self.ends[p])
+            if not eos:
                 self.outputs[p].append(token)
                 self.made[row] += 1
-            if token in self.eos_ids or self.made[row] == self.max_new_tokens:
+            if eos or self.made[row] == self.max_new_tokens:
                 self.prompt[row] = None
                 self.finished += 1
 

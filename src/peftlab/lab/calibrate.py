@@ -22,11 +22,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-CACHE_VERSION = 5  # bump when what is measured changes: older cached rates are then measured again
+CACHE_VERSION = 6  # bump when what is measured changes: older cached rates are then measured again
 # (2: training and prompt passes measured at the grid's batch sizes instead of one row; 3: evaluation measured
 # under the evaluation's own precision context, bf16 frozen weights cast once, as ModelPredictor runs it; 4: prompt
 # passes and decode steps also measured at one row, for continuous batching's refills and a batch's last rows;
-# 5: evaluation timed inside the generation loop, its own work per decode step measured)
+# 5: evaluation timed inside the generation loop, its own work per decode step measured; 6: that loop's rows end
+# one step apart, so one-row refills are timed between full-batch decode steps, as in a real run)
 
 
 @dataclass
@@ -167,59 +168,67 @@ def _virtual_positions(method: Any, device: Any) -> int:
     return max(0, fed.shape[1] - 4)
 
 
-LOOP_TOKENS = 12  # tokens each calibration prompt generates (its decode steps: one fewer)
+def loop_plan(rows: int, tail: int = 6) -> list[int]:
+    """The output lengths the calibration's generation loop runs at ``rows`` rows: the first batch's rows end one
+    step apart (from 2 tokens on), so a freed row is refilled with a one-row prompt pass at almost every step while
+    the others decode, as in a real run; ``rows // 2`` newcomers (at least one) run longer, the last ``tail`` steps
+    more, so the batch shrinks once the queue is empty and ends with one-row decode steps."""
+    newcomers = max(1, rows // 2)
+    return [2 + i for i in range(rows)] + [2 + rows] * (newcomers - 1) + [2 + rows + tail]
 
 
 def _measure_evaluation(setup: Any, family: Family, rates: Rates) -> None:
-    """Time evaluation inside its own generation loop (:func:`~peftlab.evaluation.generate.continuous_greedy_generate`
-    with every pass timed by :class:`~peftlab.evaluation.schedule.PassTimer`): ``eval.batch_size`` prompts of the
-    grid's mean prompt length generating :data:`LOOP_TOKENS` tokens each (eos ignored, so the work is fixed), after
-    a warm-up loop of short ones; then the same one row at a time over two prompts of different lengths (continuous
-    batching refills freed rows one prompt pass at a time, and a batch's last rows decode alone).
+    """Time evaluation inside its own generation loop
+    (:func:`~peftlab.evaluation.generate.continuous_greedy_generate`, every pass timed by
+    :class:`~peftlab.evaluation.schedule.PassTimer`), after a short warm-up loop: ``eval.batch_size`` rows over
+    synthetic prompts of the grid's mean prompt length whose outputs end at the lengths of
+    :func:`loop_plan`. The first prompt pass gives the full batch's prompt rate, the one-row refills the one-row
+    rate, the decode steps of every row and of one row the decode rates, and what the loop spent outside its passes
+    (slot copies, bookkeeping) its own work per decode step.
 
-    Timing passes inside the loop, not alone: on a 2-core Xeon (bf16, one thread) isolated passes ran 1.2-1.7x
-    faster than the same passes inside a CNN/DM run's generation (BENCHMARKS.md, "Generation, replayed"), and the
-    loop's own work between passes (slot copies, bookkeeping) is measured too, per decode step."""
+    Timed inside a running loop, not pass by pass alone: on a 2-core Xeon (bf16, one thread) a one-row CNN/DM prompt
+    pass alone ran 960-1,200 positions/s where the same pass inside a real run's generation ran 553-626, between
+    decode steps of 16 rows (BENCHMARKS.md, "Generation, replayed")."""
     import torch
 
     rows = max(1, family.cfg.eval.batch_size)
     pad = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else setup.tokenizer.eos_token_id
-    prompts = [_synthetic(setup.tokenizer, family.prompt_length, 1, 7 + k).input_ids for k in range(rows)]
-    new_tokens = max(2, min(family.cfg.eval.max_new_tokens or LOOP_TOKENS, LOOP_TOKENS))
+    ends = loop_plan(rows)
+    prompts = [_synthetic(setup.tokenizer, family.prompt_length, 1, 7 + k).input_ids for k in range(len(ends))]
     setup.method.model.eval()
     with torch.no_grad(), setup.predictor().precision():  # the evaluation's own precision (frozen weights cast once)
-        _timed_loop(setup, [p[:16] for p in prompts], pad, 2, rows)  # warm-up
-        rates.eval_rows = rows
-        rates.prefill_positions_per_s, rates.decode_rows_per_s, rates.loop_step_seconds = _timed_loop(
-            setup, prompts, pad, new_tokens, rows, rates.virtual_positions)
-        if rows > 1:
-            shorter = prompts[1][:max(1, family.prompt_length - max(1, family.prompt_length // 8))]
-            rates.prefill_one_positions_per_s, rates.decode_one_rows_per_s, _ = _timed_loop(
-                setup, [prompts[0], shorter], pad, new_tokens, 1, rates.virtual_positions)
+        _timed_loop(setup, [p[:16] for p in prompts[:rows + 1]], pad, rows, [2] * rows + [4])  # warm-up
+        timer, total = _timed_loop(setup, prompts, pad, rows, ends)
+    v = rates.virtual_positions
+    rates.eval_rows = rows
+    rates.prefill_positions_per_s = _per_second(
+        [(p + v * n, s) for n, p, s in timer.prefills if n == rows])
+    rates.decode_rows_per_s = _per_second([(n, s) for n, s in timer.decodes[1:] if n == rows])
+    if rows > 1:
+        rates.prefill_one_positions_per_s = _per_second([(p + v, s) for n, p, s in timer.prefills if n == 1])
+        rates.decode_one_rows_per_s = _per_second([(n, s) for n, s in timer.decodes if n == 1])
+    passes = sum(s for *_, s in timer.prefills) + sum(s for _, s in timer.decodes)
+    rates.loop_step_seconds = max(0.0, total - passes) / max(1, len(timer.decodes))
 
 
-def _timed_loop(setup: Any, prompts: list[list[int]], pad: int, new_tokens: int, batch_size: int,
-                virtual: int = 0) -> tuple[float, float, float]:
-    """Generate ``new_tokens`` per prompt (eos ignored) with the evaluation's loop at ``batch_size`` rows; returns
-    (prompt positions per second over its prompt passes, ``virtual`` positions per row included; decode row-steps per
-    second over its decode steps after each batch's first; the loop's seconds outside passes per decode step)."""
+def _per_second(work: list[tuple[int, float]]) -> float:
+    """Units of work per second over (units, seconds) pairs; 0 (not measured) when there are none."""
+    seconds = sum(s for _, s in work)
+    return sum(n for n, _ in work) / seconds if work and seconds > 0 else 0.0
+
+
+def _timed_loop(setup: Any, prompts: list[list[int]], pad: int, rows: int, ends: list[int]) -> tuple[Any, float]:
+    """The evaluation's generation loop over ``prompts`` at ``rows`` rows, prompt ``i`` ending after ``ends[i]``
+    tokens (eos ignored); returns its :class:`~peftlab.evaluation.schedule.PassTimer` and its wall seconds."""
     from peftlab.evaluation.generate import continuous_greedy_generate
     from peftlab.evaluation.schedule import PassTimer
 
     predictor = setup.predictor()
     with PassTimer() as timer:
         t0 = time.perf_counter()
-        continuous_greedy_generate(setup.method, prompts, pad, set(), new_tokens, setup.device, batch_size,
-                                   compile_step=predictor.compile_decode, refill_rows=predictor.refill_rows)
-        total = time.perf_counter() - t0
-    positions = sum(p + virtual * rows for rows, p, _ in timer.prefills)
-    prefill_seconds = sum(s for *_, s in timer.prefills)
-    per_batch = new_tokens - 1  # decode steps after each batch's prompt pass; the first of each is its warm-up
-    timed = [d for k, d in enumerate(timer.decodes) if k % per_batch]
-    decode_seconds = sum(s for _, s in timer.decodes)
-    rest = max(0.0, total - prefill_seconds - decode_seconds)
-    return (positions / max(prefill_seconds, 1e-9), sum(r for r, _ in timed) / max(sum(s for _, s in timed), 1e-9),
-            rest / max(1, len(timer.decodes)))
+        continuous_greedy_generate(setup.method, prompts, pad, set(), max(ends) + 1, setup.device, rows,
+                                   compile_step=predictor.compile_decode, refill_rows=predictor.refill_rows, ends=ends)
+        return timer, time.perf_counter() - t0
 
 
 def measure_family(family: Family) -> Rates:
