@@ -317,3 +317,14 @@ def test_the_calibration_loop_times_every_kind_of_pass(rows):
     replay = generation_schedule([50] * len(ends), ends, max(ends) + 1, rows)
     assert [n for n, _ in replay.passes].count(rows) == 1 and [n for n, _ in replay.passes].count(1) >= rows // 2
     assert replay.steps.count(rows) >= 3 and replay.steps.count(1) >= 3
+
+
+def test_calibration_of_a_model_without_a_slot_cache_times_whole_batches(monkeypatch, tmp_path, tiny_llama_dir):
+    """A model whose KV cache continuous batching cannot use (sliding-window layers, ...) decodes batch after batch,
+    where output lengths cannot be set: the calibration still measures its rates, every row decoded to the end."""
+    import peftlab.evaluation.generate as generate_module
+
+    monkeypatch.setattr(generate_module, "to_slots", lambda *args, **kwargs: None)
+    run = plan(parse_grid(_grid(tmp_path, tiny_llama_dir, methods=["lora"]), "g"))[0]
+    rates = est.measure_family(est.Family(run.cfg, False, 0, 0, 32))
+    assert rates.prefill_positions_per_s > 0 and rates.decode_rows_per_s > 0 and rates.loop_step_seconds >= 0

@@ -142,6 +142,11 @@ def decode_prefilled(method: PeftMethod, state: Prefilled, pad_id: int, eos_ids:
     return [_cut_at_eos(row, eos_ids) for row in outputs]
 
 
+class NoSlotCacheError(ValueError):
+    """:func:`continuous_greedy_generate` was given ``ends`` for a model whose KV cache is not plain (it decodes one
+    batch after another, where output lengths cannot be set)."""
+
+
 @torch.no_grad()
 def continuous_greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[int]], pad_id: int, eos_ids: set[int],
                                max_new_tokens: int, device: torch.device, batch_size: int,
@@ -169,7 +174,7 @@ def continuous_greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[in
 
     ``ends``: prompt ``i``'s token after ``ends[i]`` outputs counts as its eos, whatever it is (the loop then runs
     the passes :func:`~peftlab.evaluation.schedule.generation_schedule` replays for those lengths; the estimate's
-    calibration times it so). Not with the fallback.
+    calibration times it so). Not with the fallback: :class:`NoSlotCacheError`.
     """
     if not prompts:
         return []
@@ -181,7 +186,7 @@ def continuous_greedy_generate(method: PeftMethod, prompts: Sequence[Sequence[in
     slots = to_slots(state.cache, state.attention_mask, capacity, static=compile_step)
     if slots is None:
         if ends is not None:
-            raise ValueError("ends: needs a plain KV cache (this model's falls back to one batch after another)")
+            raise NoSlotCacheError("ends: needs a plain KV cache (this model's falls back to one batch after another)")
         return _batch_after_batch(method, prompts, state, first, list(queue), pad_id, eos_ids, max_new_tokens,
                                   device, batch_size, drop_fraction)
     step = compiled_decode_step() if compile_step else decode_step

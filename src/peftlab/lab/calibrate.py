@@ -219,16 +219,25 @@ def _per_second(work: list[tuple[int, float]]) -> float:
 
 def _timed_loop(setup: Any, prompts: list[list[int]], pad: int, rows: int, ends: list[int]) -> tuple[Any, float]:
     """The evaluation's generation loop over ``prompts`` at ``rows`` rows, prompt ``i`` ending after ``ends[i]``
-    tokens (eos ignored); returns its :class:`~peftlab.evaluation.schedule.PassTimer` and its wall seconds."""
-    from peftlab.evaluation.generate import continuous_greedy_generate
+    tokens (eos ignored); returns its :class:`~peftlab.evaluation.schedule.PassTimer` and its wall seconds.
+
+    A model whose cache the loop cannot turn into slots decodes one batch after another, every row to the longest
+    of ``ends`` (one-row passes are then timed only where the last batch has one row)."""
+    from peftlab.evaluation.generate import NoSlotCacheError, continuous_greedy_generate
     from peftlab.evaluation.schedule import PassTimer
 
     predictor = setup.predictor()
-    with PassTimer() as timer:
-        t0 = time.perf_counter()
-        continuous_greedy_generate(setup.method, prompts, pad, set(), max(ends) + 1, setup.device, rows,
-                                   compile_step=predictor.compile_decode, refill_rows=predictor.refill_rows, ends=ends)
-        return timer, time.perf_counter() - t0
+    for lengths in (ends, None):
+        try:
+            with PassTimer() as timer:
+                t0 = time.perf_counter()
+                continuous_greedy_generate(setup.method, prompts, pad, set(), max(ends) + 1, setup.device, rows,
+                                           compile_step=predictor.compile_decode, refill_rows=predictor.refill_rows,
+                                           ends=lengths)
+                return timer, time.perf_counter() - t0
+        except NoSlotCacheError:
+            continue
+    raise AssertionError("unreachable: without ends the loop always runs")
 
 
 def measure_family(family: Family) -> Rates:
