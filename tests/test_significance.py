@@ -332,3 +332,15 @@ def test_a_baseline_read_from_another_runs_metrics_is_compared_with_its_records(
     blocks = significance_blocks(groups, "test", ["rougeL"], resamples=200)
     versus_best = next(b for b in blocks if hasattr(b, "rows"))
     assert [row[0] for row in versus_best.rows] == ["lora", "lead-3", "zero-shot"]
+
+
+def test_a_large_table_gets_resamples_enough_to_pass_holms_correction():
+    """With 1,000 resamples the bootstrap's p floor is 1/1001; over 153 pairs (18 cells, the E2E grid) Holm's
+    correction multiplies it past 0.05, and no pair, however different, could be significant."""
+    from peftlab.lab.significance import resamples_for
+
+    assert resamples_for(9) == 1000  # 36 pairs: 36/1001 < 0.05, the default suffices (IMDB's tables)
+    assert resamples_for(18) == 6120  # 153 pairs
+    for cells in (2, 9, 18, 40):
+        pairs = cells * (cells - 1) // 2
+        assert pairs / (resamples_for(cells) + 1) <= 0.05

@@ -23,6 +23,7 @@ training randomness.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -494,6 +495,16 @@ def _intro(split: str, metric: str, resamples: int, seed: int) -> Para:
         "trained models at hand; the summary's ± intervals are over seeds (training randomness).")
 
 
+def resamples_for(cells: int, resamples: int = DEFAULT_RESAMPLES, alpha: float = ALPHA) -> int:
+    """The resamples a table of ``cells`` gets: ``resamples``, unless its p floor 1/(resamples+1) times the number of
+    pairs exceeds ``alpha``, when no pair could pass Holm's correction however large its difference; then
+    2 x pairs / alpha (17 cells: 136 pairs, 5,440 resamples)."""
+    pairs = cells * (cells - 1) // 2
+    if (resamples + 1) * alpha >= pairs:
+        return resamples
+    return math.ceil(2 * pairs / alpha)
+
+
 def significance_blocks(groups: Sequence[Group], split: str, metrics: Sequence[str],
                         resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> list[Block]:
     """The report's "Significance" section of one task: per N, every cell against the best and every pair.
@@ -517,12 +528,18 @@ def significance_blocks(groups: Sequence[Group], split: str, metrics: Sequence[s
         title = f"N={n}" + (" (and the baselines)" if n and any(g.n_train == 0 for g, _ in cells) else "")
         if len(table_cells) < 2:
             continue
+        used = resamples_for(len(table_cells), resamples)
         try:
-            intervals, comparisons = compare_cells(table_cells, metric, resamples, seed)
+            intervals, comparisons = compare_cells(table_cells, metric, used, seed)
         except SignificanceError as exc:
             blocks += [Heading(4, title), Para(f"Not compared: {exc}")]
             continue
-        blocks += [Heading(4, title), _versus_best(intervals, comparisons, metric), _pairwise(intervals, comparisons)]
+        blocks.append(Heading(4, title))
+        if used != resamples:
+            pairs = len(table_cells) * (len(table_cells) - 1) // 2
+            blocks.append(Para(f"This table uses {used:,} resamples: with {pairs} pairs, the p floor of "
+                               f"{resamples:,} (1/{resamples + 1:,}) could not pass Holm's correction."))
+        blocks += [_versus_best(intervals, comparisons, metric), _pairwise(intervals, comparisons)]
     if left_out:
         blocks.append(Para("Left out of the comparisons: " + "; ".join(left_out) + "."))
     return blocks
