@@ -196,9 +196,10 @@ def _measure_evaluation(setup: Any, family: Family, rates: Rates) -> None:
     ends = loop_plan(rows)
     prompts = [_synthetic(setup.tokenizer, family.prompt_length, 1, 7 + k).input_ids for k in range(len(ends))]
     setup.method.model.eval()
-    with torch.no_grad(), setup.predictor().precision():  # the evaluation's own precision (frozen weights cast once)
-        _timed_loop(setup, [p[:16] for p in prompts[:rows + 1]], pad, rows, [2] * rows + [4])  # warm-up
-        timer, total = _timed_loop(setup, prompts, pad, rows, ends)
+    predictor = setup.predictor()
+    with torch.no_grad(), predictor.precision():  # the evaluation's own precision (frozen weights cast once)
+        _timed_loop(setup, predictor, [p[:16] for p in prompts[:rows + 1]], pad, rows, [2] * rows + [4])  # warm-up
+        timer, total = _timed_loop(setup, predictor, prompts, pad, rows, ends)
     v = rates.virtual_positions
     rates.eval_rows = rows
     rates.prefill_positions_per_s = _per_second(
@@ -217,27 +218,29 @@ def _per_second(work: list[tuple[int, float]]) -> float:
     return sum(n for n, _ in work) / seconds if work and seconds > 0 else 0.0
 
 
-def _timed_loop(setup: Any, prompts: list[list[int]], pad: int, rows: int, ends: list[int]) -> tuple[Any, float]:
-    """The evaluation's generation loop over ``prompts`` at ``rows`` rows, prompt ``i`` ending after ``ends[i]``
-    tokens (eos ignored); returns its :class:`~peftlab.evaluation.schedule.PassTimer` and its wall seconds.
+def _timed_loop(setup: Any, predictor: Any, prompts: list[list[int]], pad: int, rows: int,
+                ends: list[int]) -> tuple[Any, float]:
+    """The evaluation's generation loop (with ``predictor``'s settings) over ``prompts`` at ``rows`` rows, prompt
+    ``i`` ending after ``ends[i]`` tokens (eos ignored); returns its :class:`~peftlab.evaluation.schedule.PassTimer`
+    and its wall seconds.
 
     A model whose cache the loop cannot turn into slots decodes one batch after another, every row to the longest
     of ``ends`` (one-row passes are then timed only where the last batch has one row)."""
     from peftlab.evaluation.generate import NoSlotCacheError, continuous_greedy_generate
     from peftlab.evaluation.schedule import PassTimer
 
-    predictor = setup.predictor()
-    for lengths in (ends, None):
-        try:
-            with PassTimer() as timer:
-                t0 = time.perf_counter()
-                continuous_greedy_generate(setup.method, prompts, pad, set(), max(ends) + 1, setup.device, rows,
-                                           compile_step=predictor.compile_decode, refill_rows=predictor.refill_rows,
-                                           ends=lengths)
-                return timer, time.perf_counter() - t0
-        except NoSlotCacheError:
-            continue
-    raise AssertionError("unreachable: without ends the loop always runs")
+    def run(lengths: list[int] | None) -> tuple[Any, float]:
+        with PassTimer() as timer:
+            t0 = time.perf_counter()
+            continuous_greedy_generate(setup.method, prompts, pad, set(), max(ends) + 1, setup.device, rows,
+                                       compile_step=predictor.compile_decode, refill_rows=predictor.refill_rows,
+                                       ends=lengths)
+            return timer, time.perf_counter() - t0
+
+    try:
+        return run(ends)
+    except NoSlotCacheError:
+        return run(None)
 
 
 def measure_family(family: Family) -> Rates:

@@ -536,8 +536,7 @@ def significance_blocks(groups: Sequence[Group], split: str, metrics: Sequence[s
             continue
         blocks.append(Heading(4, title))
         if used != resamples:
-            pairs = len(table_cells) * (len(table_cells) - 1) // 2
-            blocks.append(Para(f"This table uses {used:,} resamples: with {pairs} pairs, the p floor of "
+            blocks.append(Para(f"This table uses {used:,} resamples: with {len(comparisons)} pairs, the p floor of "
                                f"{resamples:,} (1/{resamples + 1:,}) could not pass Holm's correction."))
         blocks += [_versus_best(intervals, comparisons, metric), _pairwise(intervals, comparisons)]
     if left_out:
