@@ -344,3 +344,23 @@ def test_a_large_table_gets_resamples_enough_to_pass_holms_correction():
     for cells in (2, 9, 18, 40):
         pairs = cells * (cells - 1) // 2
         assert pairs / (resamples_for(cells) + 1) <= 0.05
+
+
+def test_the_summarys_interval_uses_its_significance_tables_resamples(tmp_path):
+    """A table large enough for more resamples (11 cells, 55 pairs: 2,200) shows each cell's interval in the
+    summary's column exactly as in its significance table; with the default 1,000 they differed."""
+    from peftlab.lab.significance import example_intervals, resamples_for
+
+    rng = np.random.default_rng(11)
+    for i in range(10):
+        _result(tmp_path / "classification", f"m{i}", 16, 0, rng.random(200) < 0.5 + 0.04 * i)
+    _result(tmp_path / "classification", "zero-shot", 0, 0, rng.random(200) < 0.5)
+    groups = group_runs(load_runs(tmp_path))["classification"]
+    assert resamples_for(len(groups)) == 2200
+    summary = {g.label: example_intervals(groups, "test", "accuracy")[id(g)] for g in groups}
+    versus_best = next(b for b in significance_blocks(groups, "test", ["accuracy"]) if hasattr(b, "rows"))
+    assert len(versus_best.rows) == 11
+    for row in versus_best.rows:
+        label = row[0].removesuffix(" N=16")
+        iv = next(v for key, v in summary.items() if key.removesuffix(" N=16") == label)
+        assert row[2] == f"[{iv.low:.2f}, {iv.high:.2f}]"

@@ -417,12 +417,29 @@ def report_cells(groups: Sequence[Group], split: str) -> tuple[list[tuple[Group,
     return cells, left_out
 
 
+def _tables(cells: Sequence[tuple[Group, Cell]], metric: str) -> list[tuple[int, list[tuple[Group, Cell]]]]:
+    """The significance section's tables: one per training-set size N, holding that N's cells and the baselines'
+    (N=0), those with per-example scores of ``metric``."""
+    sizes = sorted({g.n_train for g, _ in cells if g.n_train > 0}) or [0]
+    return [(n, [(g, c) for g, c in cells if g.n_train in (0, n) and metric in available_metrics(c)]) for n in sizes]
+
+
 def example_intervals(groups: Sequence[Group], split: str, metric: str, resamples: int = DEFAULT_RESAMPLES,
                       seed: int = DEFAULT_SEED) -> dict[int, Interval]:
     """``id(group) -> interval``: each group's 95% bootstrap interval over test examples (seeds pooled), for the
-    groups whose result files hold per-example scores of ``metric``."""
-    return {id(group): cell_interval(cell, metric, resamples, seed) for group, cell in report_cells(groups, split)[0]
-            if metric in available_metrics(cell)}
+    groups whose result files hold per-example scores of ``metric``.
+
+    A group's interval uses the resamples of its significance table (:func:`resamples_for`), so the summary and
+    the significance section show the same interval; a baseline, which sits in every N's table, takes the largest.
+    """
+    cells = report_cells(groups, split)[0]
+    used: dict[int, int] = {}
+    for _, table in _tables(cells, metric):
+        count = resamples_for(len(table), resamples)
+        for group, _ in table:
+            used[id(group)] = max(used.get(id(group), 0), count)
+    return {id(group): cell_interval(cell, metric, used[id(group)], seed) for group, cell in cells
+            if id(group) in used}
 
 
 def with_example_intervals(table: Table, groups: Sequence[Group], split: str, metrics: Sequence[str],
@@ -522,9 +539,8 @@ def significance_blocks(groups: Sequence[Group], split: str, metrics: Sequence[s
     if metric is None:
         return blocks + [Para("Omitted: fewer than two cells have per-example scores of the same metric.")]
     blocks.append(_intro(split, metric, resamples, seed))
-    sizes = sorted({g.n_train for g, _ in cells if g.n_train > 0}) or [0]
-    for n in sizes:
-        table_cells = [c for g, c in cells if g.n_train in (0, n) and metric in available_metrics(c)]
+    for n, table in _tables(cells, metric):
+        table_cells = [c for _, c in table]
         title = f"N={n}" + (" (and the baselines)" if n and any(g.n_train == 0 for g, _ in cells) else "")
         if len(table_cells) < 2:
             continue
