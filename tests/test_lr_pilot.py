@@ -219,3 +219,30 @@ def test_a_best_rate_at_the_edge_gets_pilots_further_out(tmp_path, tiny_llama_di
     again = _fake_pilot_losses(monkeypatch, best)
     compare(path, pilots_only=True)
     assert again == []
+
+
+def test_a_pilot_another_invocation_finished_meanwhile_is_skipped_and_counted(tmp_path, tiny_llama_dir, monkeypatch,
+                                                                             capsys):
+    """A grid plans every run's status at its start; a --pilots-only job beside it (the E2E budget grid's pilots
+    were split that way) may finish a run before the grid reaches it. The grid then skipped nothing: it failed on
+    the run folder it had planned as new, or ran the pilot twice. It now looks again before each run."""
+    tried = _fake_pilot_losses(monkeypatch, 1e-2)
+    path = _write(tmp_path, tiny_llama_dir, methods=[{"name": "lora", "overrides": {"train.lr": 1e-3}}],
+                  n_train=[8], seeds=[0], lr_pilot={"factors": [1, 10], "steps": 1, "validation": 2, "extend": 0})
+    pilots = [r for r in plan(load_grid(path)) if r.kind == PILOT]
+    from peftlab.lab import experiment
+
+    fake = experiment.train_run
+
+    def beside(cfg, command="", on_step=None):
+        if not tried:  # while this grid's first pilot trains, another invocation runs them all
+            monkeypatch.setattr(experiment, "train_run", fake)
+            compare(path, pilots_only=True)
+        return fake(cfg, command=command, on_step=on_step)
+
+    monkeypatch.setattr(experiment, "train_run", beside)
+    compare_mod.run_grid(pilots)
+    assert sorted(tried) == [1e-3, 1e-3, 1e-2]  # the second pilot ran once, in the other invocation
+    out = capsys.readouterr().out
+    assert "[2/2] pilot--lora--lr0.01 done by another invocation meanwhile, skipped" in out
+    assert "[2/2] pilot--lora--lr0.01: lr pilot of lora: lr 0.01 chosen (x10" in out

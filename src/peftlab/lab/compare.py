@@ -279,7 +279,9 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
              predicted: dict[str, float] | None = None) -> list[ResultRecord]:
     """Run (or skip, record, resume) every planned run in order; returns every result, grid record included.
 
-    Every run's status is decided before the first one starts, so a settings mismatch fails before any work.
+    Every run's status is decided before the first one starts, so a settings mismatch fails before any work, and
+    checked again just before the run: one that another invocation finished meanwhile (a ``--pilots-only`` job or a
+    shard beside this one) is skipped, not run twice.
     Under ``torchrun``/``accelerate launch`` every rank walks the same grid, but only rank 0 evaluates baselines,
     writes files and returns results; the other ranks join each training run and return ``[]``.
 
@@ -316,11 +318,33 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
         f"{counts['new'] + counts['finished']} to run -> {runs[0].result_path.parent}/")
     finished: list[tuple[str, float]] = []  # (stem, seconds) of the runs this invocation ran
     done: dict[str, ResultRecord] = {}
+
+    def pilot_finished(run: PlannedRun, result: ResultRecord, tag: str) -> None:
+        """Count a pilot's result: pilots past the edge of its range, and its group's rate once all are in."""
+        pilots_done[run.stem] = result
+        for extra in extend_pilots(runs, pilots_done, _read_result):
+            statuses[extra.stem] = run_status(extra)
+            log(f"{tag}: the best rate of {run.pilot_group} is at the edge of those tried: one more pilot at "
+                f"lr {extra.cfg.train.lr:.3g}")
+        record = resolve(runs, pilots_done).get(run.pilot_group or "")
+        if record is not None:  # this pilot was its group's last one (finished pilots are skipped above)
+            log(f"{tag}: lr pilot of {run.pilot_group}: lr {record['chosen_lr']:.3g} chosen "
+                f"(x{record['chosen_factor']:g} the untuned rate), validation loss "
+                f"{_loss(record['chosen_val_loss'])} against {_loss(record['default_val_loss'])} untuned")
+
     k = 0
     while k < len(runs):
         run, k = runs[k], k + 1
         status = statuses[run.stem]
         tag = f"[{k}/{len(runs)}] {run.stem}"
+        if status != "done":  # another invocation (a --pilots-only job, a shard) may have run it since the plan
+            status = statuses[run.stem] = run_status(run)
+            if status == "done":
+                done[run.stem] = _read_result(run.result_path)
+                log(f"{tag} done by another invocation meanwhile, skipped")
+                if run.kind == PILOT:
+                    pilot_finished(run, done[run.stem], tag)
+                continue
         if status == "done":
             done[run.stem] = _read_result(run.result_path)
             log(f"{tag} done earlier, skipped")
@@ -342,16 +366,7 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
         done[run.stem] = result
         seconds = time.perf_counter() - t0
         if run.kind == PILOT:
-            pilots_done[run.stem] = result
-            for extra in extend_pilots(runs, pilots_done, _read_result):
-                statuses[extra.stem] = run_status(extra)
-                log(f"{tag}: the best rate of {run.pilot_group} is at the edge of those tried: one more pilot at "
-                    f"lr {extra.cfg.train.lr:.3g}")
-            record = resolve(runs, pilots_done).get(run.pilot_group or "")
-            if record is not None:  # this pilot was its group's last one (finished pilots are skipped above)
-                log(f"{tag}: lr pilot of {run.pilot_group}: lr {record['chosen_lr']:.3g} chosen "
-                    f"(x{record['chosen_factor']:g} the untuned rate), validation loss "
-                    f"{_loss(record['chosen_val_loss'])} against {_loss(record['default_val_loss'])} untuned")
+            pilot_finished(run, result, tag)
         if status in ("new", "resume") and run.kind != LEAD_3:
             finished.append((run.stem, seconds))
         pending = [r.stem for r in runs[k:] if statuses[r.stem] in ("new", "resume") and r.kind != LEAD_3]
