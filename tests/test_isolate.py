@@ -70,10 +70,27 @@ def _alive(pid: int) -> bool:
         return f.read().split(") ")[-1][0] != "Z"
 
 
-def _start_grid(tmp_path) -> tuple[subprocess.Popen, int]:
+# The interrupt arrives just as Process.start() returns, before run_isolated waits on the child (a SIGINT sent as
+# soon as the child is seen running: test_an_interrupt_of_the_grid_process_alone_reaches_the_child, flaky before).
+EARLY_INTERRUPT = """
+import multiprocessing.process, signal, sys, time
+_start = multiprocessing.process.BaseProcess.start
+
+def start(self):
+    _start(self)
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.05)
+    signal.raise_signal(signal.SIGINT)
+
+multiprocessing.process.BaseProcess.start = start
+"""
+
+
+def _start_grid(tmp_path, prelude: str = "") -> tuple[subprocess.Popen, int]:
     """A process running a sleeping child through run_isolated; returns it and the child's pid."""
     script, pid_file = tmp_path / "grid.py", tmp_path / "child.pid"
-    script.write_text(ORPHAN_SCRIPT)
+    head, main = ORPHAN_SCRIPT.split("\nif __name__")
+    script.write_text(head + prelude + "\nif __name__" + main)
     parent = subprocess.Popen([sys.executable, str(script), str(pid_file)])
     deadline = time.monotonic() + 120
     while not pid_file.exists():
@@ -109,6 +126,16 @@ def test_an_interrupt_of_the_grid_process_alone_reaches_the_child(tmp_path):
     try:
         parent.send_signal(signal.SIGINT)
         assert parent.wait(timeout=60) == 130
+    finally:
+        parent.kill()
+    assert _gone_within(child, 5)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_an_interrupt_as_the_child_starts_still_reaches_it(tmp_path):
+    parent, child = _start_grid(tmp_path, EARLY_INTERRUPT)
+    try:
+        assert parent.wait(timeout=60) == 130  # before the fix: the exit handler waited for the child (300 s)
     finally:
         parent.kill()
     assert _gone_within(child, 5)

@@ -114,9 +114,11 @@ def run_isolated(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> 
     ctx = _context()
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(send, fn, args, kwargs), name=f"peftlab: {what}")
-    proc.start()
-    send.close()  # only the child writes; EOF here once it is gone
     try:
+        # Started inside the try: an interrupt that lands as start() returns must still reach the child, or this
+        # process would exit while multiprocessing's exit handler waits for the child forever.
+        proc.start()
+        send.close()  # only the child writes; EOF here once it is gone
         try:
             message = receive.recv()
         except EOFError:
