@@ -44,8 +44,11 @@ def test_a_child_that_dies_without_a_result_is_named(fn, arg, message):
 
 
 ORPHAN_SCRIPT = """
-import os, sys, time
+import os, signal, sys, time
 from peftlab.lab.isolate import run_isolated
+
+# A terminal's Ctrl-C default: a test runner started in the background (cmd &) hands its children SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def report_and_sleep(path):
     with open(path + ".tmp", "w") as f:
