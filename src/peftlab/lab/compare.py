@@ -327,7 +327,7 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
             log(f"{tag}: the best rate of {run.pilot_group} is at the edge of those tried: one more pilot at "
                 f"lr {extra.cfg.train.lr:.3g}")
         record = resolve(runs, pilots_done).get(run.pilot_group or "")
-        if record is not None:  # this pilot was its group's last one (finished pilots are skipped above)
+        if record is not None:  # this pilot was its group's last one
             log(f"{tag}: lr pilot of {run.pilot_group}: lr {record['chosen_lr']:.3g} chosen "
                 f"(x{record['chosen_factor']:g} the untuned rate), validation loss "
                 f"{_loss(record['chosen_val_loss'])} against {_loss(record['default_val_loss'])} untuned")
@@ -337,17 +337,15 @@ def run_grid(runs: list[PlannedRun], command: str = "peftlab compare", on_step: 
         run, k = runs[k], k + 1
         status = statuses[run.stem]
         tag = f"[{k}/{len(runs)}] {run.stem}"
+        meanwhile = False
         if status != "done":  # another invocation (a --pilots-only job, a shard) may have run it since the plan
             status = statuses[run.stem] = run_status(run)
-            if status == "done":
-                done[run.stem] = _read_result(run.result_path)
-                log(f"{tag} done by another invocation meanwhile, skipped")
-                if run.kind == PILOT:
-                    pilot_finished(run, done[run.stem], tag)
-                continue
+            meanwhile = status == "done"
         if status == "done":
             done[run.stem] = _read_result(run.result_path)
-            log(f"{tag} done earlier, skipped")
+            log(f"{tag} done {'by another invocation meanwhile' if meanwhile else 'earlier'}, skipped")
+            if meanwhile and run.kind == PILOT:  # count it as if it had run here
+                pilot_finished(run, done[run.stem], tag)
             continue
         log(f"{tag} ..." + {"resume": " (resuming from its checkpoint)", "finished": " (recording the finished run)"}
             .get(status, ""))
